@@ -1,0 +1,88 @@
+"""The toolkit's own exceptions.
+
+Library code raises these; only ``atmoe.cli`` turns them into one-line ``click`` errors.
+Every message is a single line that says what was wrong and, where there is one, what to do.
+No module here imports torch, so registry-only commands stay fast.
+"""
+
+from __future__ import annotations
+
+
+class AtmoeError(Exception):
+    """Base class of every error the toolkit reports to a user as one line (exit code 1)."""
+
+
+class UsageError(AtmoeError, ValueError):
+    """A value the user typed is malformed (exit code 2 on the command line)."""
+
+
+class InvalidName(UsageError):
+    """A name that looks like a path, is empty, or uses characters outside [A-Za-z0-9._-]."""
+
+
+class InvalidAdapter(AtmoeError, ValueError):
+    """A directory or file that is not an acceptable PEFT LoRA adapter (safetensors only)."""
+
+
+class PickleRefused(InvalidAdapter):
+    """Adapter weights stored as a pickle (.bin/.pt/.pth/.ckpt): never loaded, refused."""
+
+
+class ExpertNotFound(AtmoeError, KeyError):
+    """No expert matches a reference."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "expert not found"
+
+
+class CompositionNotFound(AtmoeError, KeyError):
+    """No composition matches a reference."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "composition not found"
+
+
+class RouterNotFound(AtmoeError, KeyError):
+    """No router (number or alias) matches a reference."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "router not found"
+
+
+class GroupNotFound(AtmoeError, KeyError):
+    """A group that the catalog does not know."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "group not found"
+
+
+class InvalidComposition(AtmoeError, ValueError):
+    """A composition spec that cannot be built: empty group, duplicate expert, mixed base models..."""
+
+
+class ChecksumMismatch(AtmoeError):
+    """A blob whose bytes no longer hash to the digest it is stored under."""
+
+
+class InUse(AtmoeError):
+    """Something still references the object a user asked to remove."""
+
+
+class SchemaMismatch(AtmoeError):
+    """The database is at a schema revision this version of the tool does not know, or is behind."""
+
+
+class InvalidArchive(AtmoeError, ValueError):
+    """An import archive with absolute paths, '..', links, or too many or too large members."""
+
+
+class DataError(AtmoeError, ValueError):
+    """A malformed training or evaluation data line; the message names the file and line number."""
+
+
+class RoutingError(AtmoeError, ValueError):
+    """Forced routing weights that name unknown experts or are negative or not finite."""
+
+
+class ModelLoadError(AtmoeError):
+    """A base model or tokenizer that cannot be loaded from the reference given."""
