@@ -1,0 +1,151 @@
+"""The fused mixture of frozen LoRA experts on one linear layer (DESIGN.md section 2).
+
+    y = W0 x + lambda * sum_e w_e s_e B_e A_e x + (1 - lambda) s_p B_p A_p x
+
+The experts that adapt the layer (and the general expert p, if any) are stacked once, at build time,
+into A_cat [R, k] and B_cat [d, R] with R = sum of their ranks, so the mixture costs two matmuls
+whatever the number of experts, and never a [tokens, E, d] tensor:
+
+    h = x @ A_cat.T                      # [B, T, R]
+    h = h * scale_row                    # per rank row: lambda w_e s_e, or (1 - lambda) s_p
+    y = W0 x + h @ B_cat.T
+
+The general expert is just one more block of rows whose coefficient is (1 - lambda) instead of
+lambda w_e. The coefficients come from the block's ``BlockRouting``, which the block's router hook
+fills once per forward; layers of a block that stack the same experts share one scale row.
+LoRA dropout is not applied (the experts are frozen: eval semantics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+try:  # GPT-2 style layers: weight [in, out], y = x @ W + b
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep layer.py importable
+    Conv1D = None  # type: ignore[assignment, misc]
+
+# one small integer per distinct stack signature, so that scale rows are cached by an int key
+_STACK_IDS: dict[tuple, int] = {}
+
+
+@dataclass(frozen=True)
+class LoraPiece:
+    """One adapter's contribution to one layer: A [r, k], B [d, r], scaling s, and its column.
+
+    ``column`` indexes the block's coefficient vector: 0..E-1 for the experts, E for the general one.
+    """
+
+    column: int
+    A: Tensor
+    B: Tensor
+    scale: float
+
+
+class BlockRouting:
+    """The mixing coefficients of one transformer block for the current forward pass.
+
+    ``coefficients`` [B, 1, E+1] (sequence routing) or [B, T, E+1] (token routing), float32:
+    lambda * w_e for each expert, then (1 - lambda) for the general expert. The router hook sets
+    them before the block runs; the block's ``MixtureLoraLinear`` layers read scale rows from here.
+    """
+
+    def __init__(self) -> None:
+        self.coefficients: Tensor | None = None
+        self._rows: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def set(self, coefficients: Tensor) -> None:
+        self.coefficients = coefficients
+        self._rows = {}
+
+    def clear(self) -> None:
+        self.coefficients = None
+        self._rows = {}
+
+    def scale_row(self, layer: "MixtureLoraLinear") -> Tensor:
+        """lambda w_e s_e (or (1 - lambda) s_p) for each of the layer's rank rows: [B, 1|T, R]."""
+        if self.coefficients is None:
+            raise RuntimeError("a mixture layer ran outside its block: no routing weights were set")
+        key = (layer.stack_id, layer.A_cat.dtype)
+        row = self._rows.get(key)
+        if row is None:
+            picked = self.coefficients.index_select(-1, layer.rank_column)       # [B, 1|T, R]
+            row = (picked * layer.rank_scale).to(layer.A_cat.dtype)             # [B, 1|T, R]
+            self._rows[key] = row
+        return row
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if Conv1D is not None and isinstance(layer, Conv1D):
+        return layer.weight.shape[0], layer.weight.shape[1]  # Conv1D keeps its weight as [in, out]
+    raise TypeError(f"{type(layer).__name__} is neither nn.Linear nor Conv1D")
+
+
+class MixtureLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` or ``Conv1D`` plus a routed mixture of frozen LoRA experts.
+
+    ``A_cat`` [R, k], ``B_cat`` [d, R], ``rank_column`` [R] (the coefficient column of each rank row)
+    and ``rank_scale`` [R] (s of each rank row, float32) are buffers: frozen, moved by ``.to()``,
+    kept out of state dicts (the experts live in their own files). They take the base weight's dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, pieces: Sequence[LoraPiece], routing: BlockRouting) -> None:
+        super().__init__()
+        if not pieces:
+            raise ValueError("a mixture layer needs at least one LoRA piece")
+        in_features, out_features = linear_shape(base_layer)
+        weight = base_layer.weight
+        for piece in pieces:
+            if piece.A.shape[1] != in_features or piece.B.shape[0] != out_features:
+                raise ValueError(
+                    f"LoRA A {tuple(piece.A.shape)} / B {tuple(piece.B.shape)} do not fit a layer "
+                    f"of {in_features} inputs and {out_features} outputs"
+                )
+        self.base_layer = base_layer
+        self.routing = routing
+        self.in_features, self.out_features = in_features, out_features
+        ranks = [piece.A.shape[0] for piece in pieces]
+        like = {"device": weight.device, "dtype": weight.dtype}
+        self.register_buffer("A_cat", torch.cat([p.A for p in pieces], 0).to(**like), persistent=False)
+        self.register_buffer("B_cat", torch.cat([p.B for p in pieces], 1).to(**like), persistent=False)
+        columns = [p.column for p, r in zip(pieces, ranks) for _ in range(r)]
+        scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]
+        self._scales = scales  # kept as Python floats: rank_scale stays float32 through .to(dtype)
+        self.register_buffer("rank_column", torch.tensor(columns, device=weight.device), persistent=False)
+        self.register_buffer(
+            "rank_scale", torch.tensor(scales, dtype=torch.float32, device=weight.device), persistent=False
+        )
+        signature = tuple((p.column, r, p.scale) for p, r in zip(pieces, ranks))
+        self.stack_id = _STACK_IDS.setdefault(signature, len(_STACK_IDS))
+        self.columns = sorted({p.column for p in pieces})
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:                         # x [B, T, k]
+        y = self.base_layer(x)                                      # [B, T, d]  W0 x
+        scale_row = self.routing.scale_row(self)                    # [B, 1|T, R]  lambda w_e s_e | (1-lambda) s_p
+        h = torch.matmul(x, self.A_cat.T) * scale_row               # [B, T, R]  A_e x, weighted
+        return y + torch.matmul(h, self.B_cat.T)                    # [B, T, d]  + sum over experts of B_e h_e
+
+    @torch.no_grad()
+    def delta_weight(self, coefficients: Tensor) -> Tensor:
+        """The merged update [d, k] for fixed coefficients [E+1] (lambda w_e..., 1 - lambda).
+
+        y = W0 x + x @ delta.T equals ``forward`` under those coefficients (a plain LoRA merge).
+        """
+        coefficients = coefficients.to(device=self.rank_scale.device, dtype=torch.float32)
+        row = coefficients[self.rank_column] * self.rank_scale                  # [R]
+        return (self.B_cat.float() * row) @ self.A_cat.float()                  # [d, k]
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank_rows={self.A_cat.shape[0]}"
