@@ -47,12 +47,12 @@ class Encoded:
 
 
 def data_digest(path: str | Path) -> str:
-    """sha256 of the file's bytes: what a router records as its training data digest."""
+    """Hex sha256 of the file's bytes: what a router records as its training data digest."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+    return digest.hexdigest()
 
 
 def parse_example(obj: object, *, source: str = "<memory>", line: int = 0) -> Example:

@@ -73,7 +73,7 @@ def test_digest_is_sha256_of_bytes(tmp_path):
     import hashlib
 
     path = write_lines(tmp_path / "d.jsonl", [json.dumps({"prompt": "q", "response": "a"})])
-    assert data_digest(path) == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert data_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_encode_masks_prompt_and_appends_eos():

@@ -1,0 +1,258 @@
+"""Compositions: pinning chosen experts, group by group, into an immutable AT-MoE spec version.
+
+``compose`` takes the latest version of every expert name in each listed group (``experts`` narrows a
+group to the references given), orders groups as listed and experts by name inside a group (or in
+the order the references were given), and records N_G, N_M and the pinned name@version + digest of
+each member. The same spec composed again returns the existing version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from atmoe.errors import CompositionNotFound, GroupNotFound, InvalidComposition, UsageError
+from atmoe.registry.models import Composition, CompositionExpert, Expert, Group
+from atmoe.registry.names import Ref, parse_ref, validate_name
+
+ROUTING_MODES = ("sequence", "token")
+ROUTER_KINDS = ("grouped", "flat")
+
+
+@dataclass(frozen=True)
+class ComposeSpec:
+    """What a user asked for; ``lam`` None means 1.0 without a general expert and 0.5 with one."""
+
+    name: str
+    groups: tuple[str, ...]
+    experts: tuple[str, ...] = ()
+    general: str | None = None
+    lam: float | None = None
+    learn_lambda: bool = False
+    temperature: float = 1.0
+    routing: str = "sequence"
+    router: str = "grouped"
+    shared_router: bool = False
+    static_inside: bool = False
+    description: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_name(self.name, "composition name")
+        if not self.groups:
+            raise UsageError("--groups is empty: name at least one group, e.g. functional,domain,style")
+        if len(set(self.groups)) != len(self.groups):
+            raise UsageError(f"--groups lists a group twice: {','.join(self.groups)}")
+        for group in self.groups:
+            validate_name(group, "group name")
+        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
+            raise UsageError(f"--lambda must lie in [0, 1], not {self.lam}")
+        if not self.temperature > 0 or self.temperature != self.temperature:
+            raise UsageError(f"--temperature must be > 0, not {self.temperature}")
+        if self.routing not in ROUTING_MODES:
+            raise UsageError(f"--routing must be one of {', '.join(ROUTING_MODES)}, not {self.routing!r}")
+        if self.router not in ROUTER_KINDS:
+            raise UsageError(f"--router must be one of {', '.join(ROUTER_KINDS)}, not {self.router!r}")
+
+
+def resolve_expert(session: Session, text: str) -> Expert:
+    """The expert a reference ``NAME[@VERSION]`` names (latest when no version)."""
+    from atmoe.errors import ExpertNotFound
+
+    ref = parse_ref(text)
+    if ref.router is not None:
+        raise UsageError(f"expert reference {text!r} cannot name a router")
+    query = select(Expert).where(Expert.name == ref.name)
+    if ref.version is None:
+        query = query.order_by(Expert.version.desc()).limit(1)
+    else:
+        query = query.where(Expert.version == ref.version)
+    expert = session.scalars(query).first()
+    if expert is None:
+        raise ExpertNotFound(f"no expert {ref.name}" + (f"@{ref.version}" if ref.version else ""))
+    return expert
+
+
+def _latest_per_name(session: Session, group: Group) -> list[Expert]:
+    latest = (
+        select(Expert.name, func.max(Expert.version).label("version"))
+        .where(Expert.group_id == group.id)
+        .group_by(Expert.name)
+        .subquery()
+    )
+    query = (
+        select(Expert)
+        .join(latest, (Expert.name == latest.c.name) & (Expert.version == latest.c.version))
+        .order_by(Expert.name)
+    )
+    return list(session.scalars(query))
+
+
+def plan_members(session: Session, spec: ComposeSpec) -> tuple[dict[str, list[Expert]], Expert | None]:
+    """The experts of each group, in slot order, and the general expert; refuses bad specs."""
+    groups = {}
+    for name in spec.groups:
+        group = session.scalars(select(Group).where(Group.name == name)).first()
+        if group is None:
+            raise GroupNotFound(f"unknown group {name!r}: see `atmoe-reg groups` (add it with --add)")
+        groups[name] = group
+    chosen: dict[str, list[Expert]] = {name: [] for name in spec.groups}
+    seen: set[str] = set()
+    for text in spec.experts:
+        expert = resolve_expert(session, text)
+        if expert.name in seen:
+            raise InvalidComposition(f"duplicate expert {expert.name!r} in the composition")
+        seen.add(expert.name)
+        if expert.group.name not in chosen:
+            raise InvalidComposition(
+                f"expert {expert.ref} is in group {expert.group.name!r}, which --groups does not list"
+            )
+        chosen[expert.group.name].append(expert)
+    members = {}
+    for name, group in groups.items():
+        experts = chosen[name] or _latest_per_name(session, group)
+        if not experts:
+            raise InvalidComposition(f"group {name!r} has no experts: add one with `atmoe-reg add-expert ... --group {name}`")
+        members[name] = experts
+    general = resolve_expert(session, spec.general) if spec.general else None
+    if general is not None and any(e.name == general.name for es in members.values() for e in es):
+        raise InvalidComposition(f"duplicate expert {general.name!r}: it is both a member and the general expert")
+    everyone = [e for es in members.values() for e in es] + ([general] if general else [])
+    bases = {(e.base_model or "?", e.base_revision or "") for e in everyone}
+    if len(bases) > 1:
+        listing = "; ".join(f"{e.ref}: {e.base_model or 'unknown'}" for e in everyone)
+        raise InvalidComposition(f"experts of different base models cannot be composed ({listing})")
+    return members, general
+
+
+def spec_digest(spec: ComposeSpec, members: dict[str, list[Expert]], general: Expert | None, lam: float) -> str:
+    """sha256 of the canonical spec: the same experts, order and settings give the same digest."""
+    document = {
+        "groups": [[group, [[e.name, e.version, e.digest] for e in experts]] for group, experts in members.items()],
+        "general": [general.name, general.version, general.digest] if general else None,
+        "lam": lam,
+        "learn_lambda": spec.learn_lambda,
+        "temperature": spec.temperature,
+        "routing": spec.routing,
+        "options": _options(spec),
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def _options(spec: ComposeSpec) -> dict:
+    return {"router": spec.router, "shared_router": spec.shared_router, "static_inside": spec.static_inside}
+
+
+def compose(session: Session, spec: ComposeSpec, *, created_by: str | None = None) -> tuple[Composition, bool]:
+    """Record (or find) the composition version of ``spec`` in ``session``; returns (row, created)."""
+    from atmoe.registry.db import next_value
+
+    members, general = plan_members(session, spec)
+    lam = spec.lam if spec.lam is not None else (0.5 if general is not None else 1.0)
+    if general is None and spec.lam not in (None, 1.0):
+        raise InvalidComposition("--lambda below 1 needs a --general expert to blend with")
+    digest = spec_digest(spec, members, general, lam)
+    existing = session.scalars(
+        select(Composition).where(Composition.name == spec.name, Composition.spec_digest == digest)
+    ).first()
+    if existing is not None:
+        return existing, False
+    first = next(iter(members.values()))[0]
+    composition = Composition(
+        name=spec.name,
+        version=next_value(session, Composition.version, Composition.name == spec.name),
+        base_model=first.base_model,
+        base_revision=first.base_revision,
+        groups=list(members),
+        n_groups=len(members),
+        n_max=max(len(experts) for experts in members.values()),
+        lam=lam,
+        learn_lambda=spec.learn_lambda,
+        temperature=spec.temperature,
+        routing=spec.routing,
+        options=_options(spec),
+        general_expert=general,
+        spec_digest=digest,
+        description=spec.description,
+        created_by=created_by,
+    )
+    for group_index, (group, experts) in enumerate(members.items()):
+        for slot, expert in enumerate(experts):
+            composition.members.append(
+                CompositionExpert(expert=expert, group_name=group, group_index=group_index, slot=slot,
+                                  digest=expert.digest)
+            )
+    session.add(composition)
+    session.flush()
+    return composition, True
+
+
+def get_composition(session: Session, ref: Ref | str) -> Composition:
+    """The composition version a reference names (latest when no version)."""
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    query = select(Composition).where(Composition.name == ref.name)
+    if ref.version is None:
+        query = query.order_by(Composition.version.desc()).limit(1)
+    else:
+        query = query.where(Composition.version == ref.version)
+    composition = session.scalars(query).first()
+    if composition is None:
+        raise CompositionNotFound(f"no composition {ref.name}" + (f"@{ref.version}" if ref.version else ""))
+    return composition
+
+
+def list_compositions(session: Session, name: str | None = None) -> list[Composition]:
+    query = select(Composition).order_by(Composition.name, Composition.version)
+    if name is not None:
+        query = query.where(Composition.name == name)
+    return list(session.scalars(query))
+
+
+def composition_record(composition: Composition) -> dict:
+    """The JSON form of a composition (``compositions --json`` and ``compositions show``)."""
+    return {
+        "name": composition.name,
+        "version": composition.version,
+        "ref": composition.ref,
+        "base_model": composition.base_model,
+        "base_revision": composition.base_revision,
+        "groups": list(composition.groups),
+        "n_groups": composition.n_groups,
+        "n_max": composition.n_max,
+        "experts": [
+            {"group": m.group_name, "slot": m.slot, "name": m.expert.name, "version": m.expert.version,
+             "ref": m.expert.ref, "digest": m.digest}
+            for m in composition.members
+        ],
+        "general": (
+            {"ref": composition.general_expert.ref, "digest": composition.general_expert.digest}
+            if composition.general_expert else None
+        ),
+        "lambda": composition.lam,
+        "learn_lambda": composition.learn_lambda,
+        "temperature": composition.temperature,
+        "routing": composition.routing,
+        "options": dict(composition.options or {}),
+        "spec_digest": composition.spec_digest,
+        "description": composition.description,
+        "created_at": composition.created_at.isoformat() if composition.created_at else None,
+        "created_by": composition.created_by,
+    }
+
+
+def members_by_group(composition: Composition) -> dict[str, list[CompositionExpert]]:
+    """Members in group order, slot order: the layout ``build_atmoe`` receives."""
+    grouped: dict[str, list[CompositionExpert]] = {group: [] for group in composition.groups}
+    for member in sorted(composition.members, key=lambda m: (m.group_index, m.slot)):
+        grouped[member.group_name].append(member)
+    return grouped
+
+
+def pinned_expert_ids(session: Session) -> set[int]:
+    """Experts a composition pins (as a member or as its general expert): remove refuses them."""
+    ids = set(session.scalars(select(CompositionExpert.expert_id)))
+    ids |= {i for i in session.scalars(select(Composition.general_expert_id)) if i is not None}
+    return ids

@@ -1,0 +1,85 @@
+"""train-router: read and check the data, build the composition, train, then record the router.
+
+Nothing is written until training has finished: a malformed line, an unknown intent or an altered
+blob stops the run with the catalog unchanged. The router blob goes into the store first and the
+Router row (with its data digests, hyperparameters, metrics and library versions) is committed after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from atmoe.registry.build import Built, router_bytes
+from atmoe.registry.compositions import get_composition
+from atmoe.registry.names import parse_ref
+from atmoe.registry.routers import record_router, router_record, set_alias
+
+
+@dataclass
+class TrainedRouter:
+    record: dict  # router_record() of the new row
+    built: Built
+
+
+def train_and_record(
+    registry,
+    ref: str,
+    *,
+    data: str | Path,
+    eval_data: str | Path | None = None,
+    config=None,
+    alias: str | None = None,
+    notes: str | None = None,
+    created_by: str | None = None,
+    progress: bool = True,
+    console=None,
+    base_model: str | None = None,
+) -> TrainedRouter:
+    """Train a new router for the composition ``ref`` names and record it (next number).
+
+    ``ref`` with ``:ROUTER`` warm-starts from that router; without, the routers start uniform, so the
+    same data, hyperparameters and seed give the same router.
+    """
+    from atmoe.data import check_intents, data_digest, read_examples
+    from atmoe.registry.names import validate_name
+    from atmoe.training import TrainConfig, train_router
+
+    config = config or TrainConfig()
+    if alias is not None:
+        validate_name(alias, "alias")
+    parsed = parse_ref(ref)
+    train = read_examples(data)
+    evaluation = read_examples(eval_data) if eval_data else None
+    train_digest = data_digest(data)
+    eval_digest = data_digest(eval_data) if eval_data else None
+    built = registry.build(ref, router=parsed.router is not None, base_model=base_model)
+    check_intents(train, built.model.expert_names)
+    if evaluation:
+        check_intents(evaluation, built.model.expert_names)
+    result = train_router(built.model, built.tokenizer, train, evaluation, config, progress=progress, console=console)
+    blob = registry.store.put_bytes(router_bytes(built.model, metadata={"composition": built.composition}))
+    hyperparameters = config.as_dict()
+    if built.router:
+        hyperparameters["warm_start"] = built.router
+
+    def record(session):
+        composition = get_composition(session, parse_ref(built.composition))
+        router = record_router(
+            session,
+            composition,
+            blob_digest=blob.digest,
+            data_digest=train_digest,
+            eval_data_digest=eval_digest,
+            hyperparameters=hyperparameters,
+            metrics={**result.metrics, "history": result.history},
+            created_by=created_by,
+            notes=notes,
+        )
+        if alias is not None:
+            set_alias(session, composition.name, alias, router)
+        return router_record(session, router)
+
+    row = registry.transact(record)
+    built.router = row["ref"]
+    return TrainedRouter(record=row, built=built)

@@ -1,0 +1,143 @@
+"""Routers of a composition version: numbered 1, 2, ... with their lineage, and movable aliases.
+
+A router's weights are a safetensors blob in the store; its row records the training data digest,
+hyperparameters, metrics and library versions, so any answer traces back to what trained it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from atmoe.errors import RouterNotFound, UsageError
+from atmoe.registry.compositions import get_composition
+from atmoe.registry.models import Composition, Router, RouterAlias
+from atmoe.registry.names import Ref, parse_ref, validate_name
+
+LIBRARIES = ("atmoe-registry", "torch", "transformers", "peft", "accelerate", "safetensors")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape a router's numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def record_router(
+    session: Session,
+    composition: Composition,
+    *,
+    blob_digest: str,
+    data_digest: str | None,
+    eval_data_digest: str | None,
+    hyperparameters: dict,
+    metrics: dict,
+    created_by: str | None = None,
+    notes: str | None = None,
+) -> Router:
+    """Add the next router number of ``composition``; the blob must already be in the store."""
+    from atmoe.registry.db import next_value
+
+    router = Router(
+        composition=composition,
+        number=next_value(session, Router.number, Router.composition_id == composition.id),
+        blob_digest=blob_digest,
+        data_digest=data_digest,
+        eval_data_digest=eval_data_digest,
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+        library_versions=library_versions(),
+        created_by=created_by,
+        notes=notes,
+    )
+    session.add(router)
+    session.flush()
+    return router
+
+
+def set_alias(session: Session, composition_name: str, alias: str, router: Router) -> RouterAlias:
+    """Point ``alias`` (e.g. ``prod``) at ``router``; an existing alias moves."""
+    validate_name(alias, "alias")
+    if alias.isdigit() or alias == "latest":
+        raise UsageError(f"alias {alias!r} would read as a router number: choose a name with a letter")
+    row = session.scalars(
+        select(RouterAlias).where(RouterAlias.composition_name == composition_name, RouterAlias.alias == alias)
+    ).first()
+    if row is None:
+        row = RouterAlias(composition_name=composition_name, alias=alias, router=router)
+        session.add(row)
+    else:
+        row.router = router
+    session.flush()
+    return row
+
+
+def resolve_router(session: Session, ref: Ref | str, *, required: bool = True) -> tuple[Composition, Router | None]:
+    """The composition and router that ``NAME[@VERSION][:ROUTER]`` names.
+
+    Without ``:ROUTER`` the composition's newest router is used (None when it has none and
+    ``required`` is false). An alias carries its own composition version: ``medqa:prod`` resolves
+    to the version the alias points into, and ``medqa@2:prod`` insists on version 2.
+    """
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    if isinstance(ref.router, str):
+        alias = session.scalars(
+            select(RouterAlias).where(RouterAlias.composition_name == ref.name, RouterAlias.alias == ref.router)
+        ).first()
+        if alias is None:
+            raise RouterNotFound(f"no router alias {ref.router!r} for composition {ref.name}")
+        router = alias.router
+        if ref.version is not None and router.composition.version != ref.version:
+            raise RouterNotFound(f"alias {ref.router!r} points at {router.composition.ref}, not {ref.name}@{ref.version}")
+        return router.composition, router
+    composition = get_composition(session, ref)
+    query = select(Router).where(Router.composition_id == composition.id)
+    if ref.router is None:
+        router = session.scalars(query.order_by(Router.number.desc()).limit(1)).first()
+        if router is None and required:
+            raise RouterNotFound(f"composition {composition.ref} has no trained router: run `atmoe-reg train-router {composition.ref} --data FILE`")
+        return composition, router
+    router = session.scalars(query.where(Router.number == ref.router)).first()
+    if router is None:
+        raise RouterNotFound(f"composition {composition.ref} has no router {ref.router}")
+    return composition, router
+
+
+def list_routers(session: Session, ref: Ref | str) -> tuple[Composition, list[Router]]:
+    composition = get_composition(session, ref)
+    routers = list(session.scalars(select(Router).where(Router.composition_id == composition.id).order_by(Router.number)))
+    return composition, routers
+
+
+def aliases_of(session: Session, router: Router) -> list[str]:
+    return list(session.scalars(select(RouterAlias.alias).where(RouterAlias.router_id == router.id).order_by(RouterAlias.alias)))
+
+
+def router_record(session: Session, router: Router) -> dict:
+    """The JSON form of a router (``routers --json``)."""
+    return {
+        "composition": router.composition.ref,
+        "number": router.number,
+        "ref": f"{router.composition.ref}:{router.number}",
+        "aliases": aliases_of(session, router),
+        "blob_digest": router.blob_digest,
+        "data_digest": router.data_digest,
+        "eval_data_digest": router.eval_data_digest,
+        "hyperparameters": dict(router.hyperparameters or {}),
+        "metrics": dict(router.metrics or {}),
+        "library_versions": dict(router.library_versions or {}),
+        "created_at": router.created_at.isoformat() if router.created_at else None,
+        "created_by": router.created_by,
+        "notes": router.notes,
+    }
+
+
+def referenced_router_blobs(session: Session) -> set[str]:
+    return set(session.scalars(select(Router.blob_digest)))

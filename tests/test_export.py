@@ -1,0 +1,67 @@
+"""A routing plan exported as one plain PEFT LoRA reproduces the mixture exactly in PEFT itself."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from atmoe import build_atmoe
+from atmoe.export import export_lora
+from atmoe.testing import make_peft_adapter, make_tiny_gpt2, make_tiny_llama
+
+
+def _peft_output(base, adapter_dir, ids):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_forced_plan_exports_exactly(tmp_path, arch):
+    base = make_tiny_llama() if arch == "llama" else make_tiny_gpt2()
+    targets = ("q_proj", "v_proj", "down_proj") if arch == "llama" else ("c_attn", "c_fc")
+    paths = {
+        "a": make_peft_adapter(base, tmp_path / "a", r=4, target_modules=targets, seed=1),
+        "b": make_peft_adapter(base, tmp_path / "b", r=2, target_modules=targets[:1], use_rslora=True, seed=2),
+        "c": make_peft_adapter(base, tmp_path / "c", r=3, target_modules=targets[-1:], seed=3),
+    }
+    general = make_peft_adapter(base, tmp_path / "g", r=2, target_modules=targets, seed=4)
+    model = build_atmoe(copy.deepcopy(base), {"f": {"a": paths["a"], "b": paths["b"]}, "d": {"c": paths["c"]}},
+                        general=general, lam=0.7)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with model.forced_routing({"a": 0.6, "c": 0.4}), torch.no_grad():
+        expected = model(input_ids=ids).logits
+        out = export_lora(model, tmp_path / "plan")
+    assert torch.allclose(_peft_output(base, out, ids), expected, atol=1e-5)
+
+
+def test_router_plan_per_block_exports_exactly(tmp_path):
+    base = make_tiny_llama()
+    paths = {n: make_peft_adapter(base, tmp_path / n, r=2 + i, seed=10 + i) for i, n in enumerate("xyz")}
+    model = build_atmoe(copy.deepcopy(base), {"g1": {"x": paths["x"], "y": paths["y"]}, "g2": {"z": paths["z"]}})
+    with torch.no_grad():  # give the routers non-uniform, block-specific weights
+        for param in model.router_parameters():
+            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    blocks = model.last_routing()
+    assert blocks[0]["experts"] != blocks[1]["experts"]
+    out = export_lora(model, tmp_path / "plan")
+    assert torch.allclose(_peft_output(base, out, ids), expected, atol=1e-5)
+
+
+def test_token_routing_without_force_is_refused(tmp_path):
+    from atmoe.errors import RoutingError
+
+    base = make_tiny_llama()
+    path = make_peft_adapter(base, tmp_path / "a", r=2, seed=1)
+    model = build_atmoe(copy.deepcopy(base), {"g": {"a": path}}, routing="token")
+    with torch.no_grad():
+        model(input_ids=torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(RoutingError, match="--force"):
+        export_lora(model, tmp_path / "plan")
