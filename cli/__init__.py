@@ -1,0 +1,13 @@
+"""``atmoe-reg``: the command line (click + rich), a thin layer over ``atmoe.registry`` and ``atmoe``.
+
+Each command module registers its commands on ``main`` when imported; add new ones to the import
+below. Modules must not import torch at import time (``atmoe-reg list`` stays fast).
+"""
+
+from __future__ import annotations
+
+from atmoe.cli.app import get_registry, main
+
+from atmoe.cli import db, experts  # noqa: E402,F401  (registers the commands)
+
+__all__ = ["get_registry", "main"]

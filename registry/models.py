@@ -106,7 +106,7 @@ class Expert(Base):
     module_ranks: Mapped[dict[str, Any]] = mapped_column(default=dict)
     rank_pattern: Mapped[dict[str, Any]] = mapped_column(default=dict)
     alpha_pattern: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    # sha256 over the sorted manifest lines "sha256  size  path\n" (see experts.content_digest)
+    # sha256 of the manifest in sha256sum format, "SHA256  PATH\n" sorted by path (experts.content_digest)
     digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH), index=True)
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,135 @@
+"""Output helpers: data on stdout (``print_json``, ``print_table``), messages on stderr.
+
+rich is imported on first use, so that importing a command module stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import click
+
+PLAIN_TABLE_ROWS = 1000  # above this, tables are printed as aligned plain text (rich is too slow)
+DIGEST_CHARS = 12
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def print_json(data: Any) -> None:
+    """The data alone on stdout, as JSON (for --json)."""
+    click.echo(json.dumps(data, indent=2, default=_json_default, ensure_ascii=False))
+
+
+def _width() -> int | None:
+    # Piped output would otherwise be cut at 80 columns; let COLUMNS win when set.
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return None
+    return 200
+
+
+@lru_cache(maxsize=1)
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def console() -> Any:
+    """The rich Console for messages and progress (stderr)."""
+    return _stderr_console()
+
+
+def stdout_console() -> Any:
+    """A rich Console on the current stdout (not cached: tests swap stdout)."""
+    from rich.console import Console
+
+    return Console(file=sys.stdout, width=_width(), highlight=False, soft_wrap=False)
+
+
+def message(text: str, *, style: str | None = None) -> None:
+    """A one-line message on stderr (rich markup is not interpreted)."""
+    console().print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def warn(text: str) -> None:
+    console().print(f"Warning: {text}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> None:
+    """A table on stdout: rich for normal sizes, aligned plain text for very long listings."""
+    text_rows = [[cell(v) for v in row] for row in rows]
+    if len(text_rows) > PLAIN_TABLE_ROWS:
+        widths = [max(len(c), *(len(r[i]) for r in text_rows)) for i, c in enumerate(columns)]
+        lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+        lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in text_rows)
+        sys.stdout.write("\n".join(lines) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=title, header_style="bold", box=None, pad_edge=False)
+    for column in columns:
+        table.add_column(column.upper(), overflow="fold")
+    for row in text_rows:
+        table.add_row(*row)
+    stdout_console().print(table)
+
+
+def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
+    """Key / value lines on stdout (``show``)."""
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in fields:
+        table.add_row(key, cell(value))
+    stdout_console().print(table)
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return ""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{size} B"
+
+
+def short_digest(digest: str | None) -> str:
+    return (digest or "")[:DIGEST_CHARS]

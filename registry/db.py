@@ -1,0 +1,333 @@
+"""Database engine and schema management.
+
+- SQLite: WAL, ``busy_timeout=30000``, ``foreign_keys=ON``; pysqlite's own transaction handling is
+  switched off and every transaction is begun by us (SQLAlchemy's documented recipe), as
+  ``BEGIN IMMEDIATE`` on the write engine so that two writers queue instead of failing on upgrade.
+  A database on a network filesystem gets a warning pointing to PostgreSQL.
+- Schema: Alembic revisions in ``atmoe.migrations``. ``ensure_schema`` creates a blank database at
+  head and refuses an older one (run ``atmoe-reg db upgrade``) or an unknown one (newer tool). The
+  check reads ``alembic_version`` with plain SQL, so that everyday commands do not import Alembic.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Connection, Engine, make_url
+
+from atmoe.errors import SchemaMismatch
+
+# Every revision this tool knows, oldest first (tests/test_migrations.py checks this against Alembic).
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002")
+HEAD = KNOWN_REVISIONS[-1]
+REGISTRY_TABLES = frozenset(
+    {"groups", "experts", "expert_files", "compositions", "composition_experts", "routers", "router_aliases"}
+)
+UPGRADE_HINT = "run atmoe-reg db upgrade"
+BUSY_TIMEOUT_MS = 30_000
+_PG_UPGRADE_LOCK = 0x61746D6F65  # "atmoe": serialises concurrent upgrades on PostgreSQL
+
+# statfs f_type magic numbers of network (or possibly network) filesystems
+NETWORK_FS_MAGIC: dict[int, str] = {
+    0x6969: "nfs",
+    0x517B: "smb",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x01021997: "9p",
+    0x5346414F: "afs",
+    0x6B414653: "afs",
+    0x00C36400: "ceph",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x19830326: "beegfs",
+    0x73757245: "coda",
+    0xAAD7AAEA: "panfs",
+    0x013111A8: "ibrix",
+}
+# fstype names in /proc/self/mountinfo
+NETWORK_FS_TYPES = frozenset(
+    {
+        "nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs",
+        "lustre", "gpfs", "beegfs", "coda", "ncpfs", "davfs", "fuse.sshfs", "fuse.s3fs",
+        "fuse.rclone", "fuse.gcsfuse", "fuse.glusterfs", "fuse.juicefs", "fuse.davfs2",
+        "fuse.goofys", "fuse.mountpoint-s3", "fuse.blobfuse", "fuse.blobfuse2", "fuse.cephfs",
+        "fuse.ceph-fuse", "fuse.lizardfs", "fuse.moosefs", "fuse.seaweedfs", "fuse.sshfs2",
+    }
+)  # fmt: skip
+
+
+# -- network filesystem detection --------------------------------------------------------------
+
+
+def statfs_magic(path: str | os.PathLike[str]) -> int | None:
+    """The statfs ``f_type`` of ``path`` (Linux), or None when it cannot be read."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+        if libc.statfs(os.fsencode(os.fspath(path)), buffer) != 0:
+            return None
+        # f_type is the first member, a C long
+        value = ctypes.c_long.from_buffer(buffer).value
+        return value & 0xFFFFFFFF
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def _unescape_mount(field: str) -> str:
+    # the kernel writes space, tab, newline and backslash in mount points as octal escapes
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mountinfo_fstype(path: str | os.PathLike[str], mountinfo: str | None = None) -> str | None:
+    """The fstype of the longest mount point containing ``path``, from /proc/self/mountinfo."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields:
+            continue
+        sep = fields.index("-")
+        if len(fields) < 5 or sep + 1 >= len(fields):
+            continue
+        mount_point = _unescape_mount(fields[4])
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and (best is None or len(mount_point) >= best[0]):
+            best = (len(mount_point), fields[sep + 1])
+    return best[1] if best else None
+
+
+def network_filesystem(
+    path: str | os.PathLike[str],
+    *,
+    magic: Callable[[str], int | None] = statfs_magic,
+    fstype: Callable[[str], str | None] = mountinfo_fstype,
+) -> str | None:
+    """Name of the network filesystem holding ``path`` (or its nearest existing parent), else None.
+
+    FUSE is ambiguous (sshfs is remote, fuse-overlayfs is local): the mount table decides where it
+    names the FUSE subtype; without one, FUSE counts as possibly remote.
+    """
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    kind = fstype(str(probe))
+    if kind is not None and kind in NETWORK_FS_TYPES:
+        return kind
+    number = magic(str(probe))
+    name = NETWORK_FS_MAGIC.get(number) if number is not None else None
+    if name == "fuse" and kind is not None:
+        return None  # a FUSE filesystem the mount table names, and not a known remote one
+    return name
+
+
+_warned: set[str] = set()
+
+
+def warn_network_filesystem(
+    db_path: Path,
+    warn: Callable[[str], None],
+    detect: Callable[[Path], str | None] = network_filesystem,
+) -> str | None:
+    """Warn once per process and path when a SQLite database lies on a network filesystem."""
+    kind = detect(db_path)
+    if kind is None or str(db_path) in _warned:
+        return kind
+    _warned.add(str(db_path))
+    warn(
+        f"the SQLite database {db_path} is on a network filesystem ({kind}); SQLite locking is "
+        "unreliable there: for a shared catalog use PostgreSQL (--db postgresql+psycopg://...)"
+    )
+    return kind
+
+
+def default_warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+# -- engines -------------------------------------------------------------------------------------
+
+
+def next_value(session: Any, column: Any, *criteria: Any) -> int:
+    """1 + the largest value of ``column`` among rows matching ``criteria`` (1 when none).
+
+    Used for version and router numbers; a unique constraint guards them, and callers retry the
+    transaction on IntegrityError (see Registry.transact), which also works on PostgreSQL.
+    """
+    from sqlalchemy import func, select
+
+    return (session.scalar(select(func.max(column)).where(*criteria)) or 0) + 1
+
+
+def is_sqlite(engine_or_url: Engine | str) -> bool:
+    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
+    return url.get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL, None for an in-memory database."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _install_sqlite_events(engine: Engine, *, wal: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event below issue BEGIN, instead of pysqlite's implicit one.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        if wal:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def create_registry_engine(
+    url: str,
+    *,
+    warn: Callable[[str], None] | None = default_warn,
+    detect_network_fs: Callable[[Path], str | None] = network_filesystem,
+) -> Engine:
+    """An engine for ``url``; SQLite gets its pragmas and our transaction handling."""
+    if not is_sqlite(url):
+        return create_engine(url, pool_pre_ping=True)
+    path = sqlite_path(url)
+    remote = None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remote = warn_network_filesystem(path, warn or (lambda _m: None), detect_network_fs)
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    # WAL needs shared memory between processes, which network filesystems do not provide.
+    _install_sqlite_events(engine, wal=path is not None and remote is None)
+    return engine
+
+
+def write_engine(engine: Engine) -> Engine:
+    """The same engine (and pool) whose transactions take the write lock first on SQLite."""
+    if is_sqlite(engine):
+        return engine.execution_options(sqlite_begin="IMMEDIATE")
+    return engine
+
+
+# -- schema ----------------------------------------------------------------------------------------
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The Alembic revision of the database, None for a database without one."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    revisions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(revisions) > 1:
+        raise SchemaMismatch(f"database has several schema heads {sorted(revisions)}; it was not made by atmoe-reg")
+    return revisions[0] if revisions else None
+
+
+def _has_registry_tables(connection: Connection) -> bool:
+    return bool(REGISTRY_TABLES & set(inspect(connection).get_table_names()))
+
+
+def _unknown(revision: str) -> SchemaMismatch:
+    return SchemaMismatch(
+        f"database schema revision {revision!r} is unknown to this atmoe-reg (it knows up to {HEAD}); "
+        "it was written by a newer version: upgrade atmoe-registry"
+    )
+
+
+def check_revision(connection: Connection) -> str | None:
+    """Raise SchemaMismatch unless the database is at head or blank; return its revision."""
+    revision = current_revision(connection)
+    if revision == HEAD:
+        return revision
+    if revision is None:
+        if _has_registry_tables(connection):
+            raise SchemaMismatch(
+                "database has registry tables but no schema revision; it was not made by atmoe-reg"
+            )
+        return None
+    if revision in KNOWN_REVISIONS:
+        raise SchemaMismatch(
+            f"database schema is at revision {revision}, this atmoe-reg needs {HEAD}: {UPGRADE_HINT}"
+        )
+    raise _unknown(revision)
+
+
+def ensure_schema(engine: Engine) -> str:
+    """Create a blank database at head; refuse an older or unknown schema. Returns the revision."""
+    with engine.connect() as connection:
+        revision = check_revision(connection)
+    if revision == HEAD:
+        return revision
+    upgrade(engine)
+    return HEAD
+
+
+def alembic_config(connection: Connection | None = None) -> Any:
+    """Alembic Config built in code; migrations run on ``connection`` when one is given."""
+    from alembic.config import Config
+
+    import atmoe.migrations
+
+    script_location = Path(atmoe.migrations.__file__).parent
+    config = Config()
+    config.set_main_option("script_location", str(script_location))
+    config.set_main_option("version_locations", str(script_location / "versions"))
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str | None]:
+    """Upgrade the schema to ``target`` in one transaction; returns (before, after)."""
+    from alembic import command
+
+    with write_engine(engine).connect() as connection:
+        with connection.begin():
+            if connection.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_UPGRADE_LOCK})
+            before = current_revision(connection)
+            if before is not None and before not in KNOWN_REVISIONS:
+                raise _unknown(before)
+            if before is None and _has_registry_tables(connection):
+                raise SchemaMismatch(
+                    "database has registry tables but no schema revision; it was not made by atmoe-reg"
+                )
+            if before == HEAD and target == "head":
+                return before, before
+            command.upgrade(alembic_config(connection), target)
+            after = current_revision(connection)
+    return before, after
+
+
+def downgrade(engine: Engine, target: str) -> tuple[str | None, str | None]:
+    """Downgrade the schema (tests and recovery only)."""
+    from alembic import command
+
+    with write_engine(engine).connect() as connection:
+        with connection.begin():
+            before = current_revision(connection)
+            command.downgrade(alembic_config(connection), target)
+            after = current_revision(connection)
+    return before, after

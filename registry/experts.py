@@ -1,0 +1,565 @@
+"""Expert services: add, list, show, remove, verify; groups; garbage collection of the store.
+
+Every function takes the ``Registry`` (for its sessions and store) or a ``Session``; the
+``Registry`` facade and the CLI are thin layers over these.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Select, delete, func, or_, select
+from sqlalchemy.orm import Session, lazyload, selectinload
+
+from atmoe.errors import ChecksumMismatch, ExpertNotFound, GroupNotFound, InUse, InvalidAdapter, UsageError
+from atmoe.registry.db import next_value
+from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertFile, Group, Router
+from atmoe.registry.names import Ref, parse_ref, validate_name
+
+if TYPE_CHECKING:
+    from atmoe.registry.registry import Registry
+    from atmoe.registry.store import StoredBlob
+    from atmoe.registry.validate import AdapterInfo
+
+MAX_TAG_VALUE = 256
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def content_digest(manifest: Iterable[tuple[str, str]]) -> str:
+    """sha256 of the manifest in ``sha256sum`` format (``SHA256  PATH`` lines, sorted by path).
+
+    ``(cd DIR && sha256sum * | LC_ALL=C sort -k2 | sha256sum)`` gives the same digest.
+    """
+    lines = "".join(f"{sha256}  {path}\n" for path, sha256 in sorted(manifest))
+    return hashlib.sha256(lines.encode("utf-8")).hexdigest()
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every time stored is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def current_user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in some containers
+        return None
+
+
+def parse_tags(items: Iterable[str]) -> dict[str, str]:
+    """``["team=gi", "stage=prod"]`` -> ``{"team": "gi", "stage": "prod"}``."""
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"tag {item!r} is not KEY=VALUE")
+        tags[validate_name(key, "tag key")] = value
+    return tags
+
+
+def _check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for key, value in (tags or {}).items():
+        validate_name(key, "tag key")
+        if not isinstance(value, str):
+            raise UsageError(f"tag {key!r}: value must be a string, not {value!r}")
+        if len(value) > MAX_TAG_VALUE or "\n" in value:
+            raise UsageError(f"tag {key!r}: value must be one line of at most {MAX_TAG_VALUE} characters")
+        result[key] = value
+    return result
+
+
+def _label(value: str | None, what: str) -> str | None:
+    return None if value is None or value == "" else validate_name(value, what)
+
+
+def get_group(session: Session, name: str) -> Group:
+    group = session.scalar(select(Group).where(Group.name == name))
+    if group is None:
+        known = ", ".join(session.scalars(select(Group.name).order_by(Group.name)))
+        raise GroupNotFound(
+            f"unknown group {name!r} (known: {known}); add it with: atmoe-reg groups --add {name}"
+        )
+    return group
+
+
+# -- add -----------------------------------------------------------------------------------------
+
+
+def _store_adapter(registry: Registry, info: AdapterInfo) -> list[tuple[str, StoredBlob]]:
+    """Stream the adapter's files into the store, weights first; returns [(path, blob)]."""
+    from atmoe.registry.validate import CONFIG_FILE, WEIGHTS_FILE, FiniteCheck, read_safetensors_header
+
+    store = registry.store
+    assert info.header is not None
+    check = FiniteCheck(info.header, WEIGHTS_FILE)
+    weights = store.put_file(info.path / WEIGHTS_FILE, inspect=check)
+    check.finish()
+    stored = [(WEIGHTS_FILE, weights)]
+    for name in info.files:
+        if name != WEIGHTS_FILE:
+            stored.append((name, store.put_file(info.path / name)))
+    # The files may have changed between validation and copying: what is stored must be what
+    # was validated (cheap: a header and a small JSON file).
+    blobs = dict(stored)
+    if read_safetensors_header(store.path_for(weights.digest)) != info.header:
+        raise InvalidAdapter(f"{WEIGHTS_FILE}: changed while it was being added; try again")
+    config_bytes = store.path_for(blobs[CONFIG_FILE].digest).read_bytes()
+    if json.loads(config_bytes) != info.config:
+        raise InvalidAdapter(f"{CONFIG_FILE}: changed while it was being added; try again")
+    return sorted(stored)
+
+
+def add_expert(
+    registry: Registry,
+    path: str | Path,
+    *,
+    name: str,
+    group: str,
+    domain: str | None = None,
+    style: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    created_by: str | None = None,
+    source: str | None = None,
+) -> tuple[Expert, bool]:
+    """Validate and add a PEFT LoRA directory as the next version of ``name``.
+
+    Returns ``(expert, created)``; ``created`` is False when identical content is already a
+    version of ``name`` (no new version is made). Blobs are in place before the row is committed.
+    """
+    validate_name(name, "expert name")
+    validate_name(group, "group")
+    domain = _label(domain, "domain")
+    style = _label(style, "style")
+    clean_tags = _check_tags(tags)
+    from atmoe.registry.validate import validate_adapter  # numpy: only when adding
+
+    with registry.session() as session:
+        get_group(session, group)
+    info = validate_adapter(path, check_values=False)
+    stored = _store_adapter(registry, info)  # raises on NaN/Inf before the weights land
+    digest = content_digest((p, blob.digest) for p, blob in stored)
+    total = sum(blob.size for _, blob in stored)
+
+    def insert(session: Session) -> tuple[Expert, bool]:
+        existing = session.scalar(select(Expert).where(Expert.name == name, Expert.digest == digest))
+        if existing is not None:
+            return existing, False
+        expert = Expert(
+            name=name,
+            version=next_value(session, Expert.version, Expert.name == name),
+            group=get_group(session, group),
+            domain=domain,
+            style=style,
+            tags=clean_tags,
+            description=description,
+            base_model=base_model or info.base_model_name_or_path,
+            base_revision=base_revision or info.revision,
+            peft_type=info.peft_type,
+            r=info.r,
+            alpha=info.alpha,
+            use_rslora=info.use_rslora,
+            target_modules=info.target_modules,
+            module_ranks=info.module_ranks,
+            rank_pattern=info.rank_pattern,
+            alpha_pattern=info.alpha_pattern,
+            digest=digest,
+            size=total,
+            created_by=created_by if created_by is not None else current_user(),
+            source=source if source is not None else str(Path(path).resolve()),
+            files=[ExpertFile(path=p, sha256=blob.digest, size=blob.size) for p, blob in stored],
+        )
+        session.add(expert)
+        session.flush()
+        return expert, True
+
+    return registry.transact(insert)
+
+
+# -- queries -------------------------------------------------------------------------------------
+
+
+def _filtered(
+    statement: Select[Any],
+    *,
+    group: str | None = None,
+    domain: str | None = None,
+    style: str | None = None,
+    tag: str | Sequence[str] | Mapping[str, str] | None = None,
+    base_model: str | None = None,
+    name: str | None = None,
+) -> Select[Any]:
+    if group is not None:
+        statement = statement.where(Group.name == group)
+    if domain is not None:
+        statement = statement.where(Expert.domain == domain)
+    if style is not None:
+        statement = statement.where(Expert.style == style)
+    if base_model is not None:
+        statement = statement.where(Expert.base_model == base_model)
+    if name is not None:
+        statement = statement.where(Expert.name == name)
+    if tag:
+        if isinstance(tag, Mapping):
+            items = [f"{k}={v}" for k, v in tag.items()]
+        elif isinstance(tag, str):
+            items = [tag]
+        else:
+            items = list(tag)
+        for item in items:
+            key, sep, value = item.partition("=")
+            validate_name(key, "tag key")
+            if sep:
+                statement = statement.where(Expert.tags[key].as_string() == value)
+            else:  # KEY alone: the tag is set
+                statement = statement.where(Expert.tags[key].as_string().is_not(None))
+    return statement
+
+
+def list_experts(
+    session: Session,
+    *,
+    group: str | None = None,
+    domain: str | None = None,
+    style: str | None = None,
+    tag: str | Sequence[str] | Mapping[str, str] | None = None,
+    base_model: str | None = None,
+    with_files: bool = False,
+) -> list[Expert]:
+    """Experts (every version), ordered by name and version. ``tag``: "K=V", "K", or several."""
+    statement = select(Expert).join(Expert.group)
+    statement = _filtered(statement, group=group, domain=domain, style=style, tag=tag, base_model=base_model)
+    loader = selectinload(Expert.files) if with_files else lazyload(Expert.files)
+    return list(session.scalars(statement.options(loader).order_by(Expert.name, Expert.version)))
+
+
+SUMMARY_COLUMNS = (
+    "name", "version", "group", "domain", "style", "tags", "base_model", "r", "alpha",
+    "use_rslora", "digest", "size", "created_at", "created_by",
+)  # fmt: skip
+
+
+def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
+    """Plain rows for listings (no ORM objects, so 100,000 experts list in well under a second)."""
+    statement = select(
+        Expert.name,
+        Expert.version,
+        Group.name.label("group"),
+        Expert.domain,
+        Expert.style,
+        Expert.tags,
+        Expert.base_model,
+        Expert.r,
+        Expert.alpha,
+        Expert.use_rslora,
+        Expert.digest,
+        Expert.size,
+        Expert.created_at,
+        Expert.created_by,
+    ).join(Group, Expert.group_id == Group.id)
+    statement = _filtered(statement, **filters).order_by(Expert.name, Expert.version)
+    return [dict(row._mapping) for row in session.execute(statement)]
+
+
+def get_expert(session: Session, ref: str | Ref) -> Expert:
+    """The expert of ``NAME``, ``NAME@VERSION`` or ``NAME@latest`` (files loaded)."""
+    parsed = parse_ref(ref) if isinstance(ref, str) else ref
+    if parsed.router is not None:
+        raise UsageError(f"expert reference {str(parsed)!r} takes no ':ROUTER' part")
+    statement = select(Expert).where(Expert.name == parsed.name).options(selectinload(Expert.files))
+    if parsed.version is None:
+        expert = session.scalar(statement.order_by(Expert.version.desc()).limit(1))
+    else:
+        expert = session.scalar(statement.where(Expert.version == parsed.version))
+    if expert is None:
+        versions = list(session.scalars(select(Expert.version).where(Expert.name == parsed.name).order_by(Expert.version)))
+        if versions:
+            known = ", ".join(str(v) for v in versions)
+            raise ExpertNotFound(f"expert {parsed.name!r} has no version {parsed.version} (versions: {known})")
+        raise ExpertNotFound(f"no expert named {parsed.name!r}; see atmoe-reg list")
+    return expert
+
+
+def expert_record(expert: Expert, *, files: bool = True) -> dict[str, Any]:
+    """Everything the catalog knows about one expert version, JSON-ready."""
+    record: dict[str, Any] = {
+        "ref": expert.ref,
+        "name": expert.name,
+        "version": expert.version,
+        "group": expert.group.name,
+        "domain": expert.domain,
+        "style": expert.style,
+        "tags": dict(expert.tags or {}),
+        "description": expert.description,
+        "base_model": expert.base_model,
+        "base_revision": expert.base_revision,
+        "peft_type": expert.peft_type,
+        "r": expert.r,
+        "alpha": expert.alpha,
+        "use_rslora": expert.use_rslora,
+        "target_modules": list(expert.target_modules or []),
+        "rank_pattern": dict(expert.rank_pattern or {}),
+        "alpha_pattern": dict(expert.alpha_pattern or {}),
+        "module_ranks": dict(expert.module_ranks or {}),
+        "digest": expert.digest,
+        "size": expert.size,
+        "created_at": as_utc(expert.created_at).isoformat() if expert.created_at else None,
+        "created_by": expert.created_by,
+        "source": expert.source,
+    }
+    if files:
+        record["files"] = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in expert.files]
+    return record
+
+
+# -- groups --------------------------------------------------------------------------------------
+
+
+def list_groups(session: Session) -> list[Group]:
+    return list(session.scalars(select(Group).order_by(Group.id)))
+
+
+def group_summaries(session: Session) -> list[dict[str, Any]]:
+    statement = select(Expert.group_id, func.count(func.distinct(Expert.name))).group_by(Expert.group_id)
+    counts = {group_id: count for group_id, count in session.execute(statement)}
+    return [
+        {"name": g.name, "description": g.description, "experts": counts.get(g.id, 0)}
+        for g in list_groups(session)
+    ]
+
+
+def add_group(registry: Registry, name: str, description: str | None = None) -> tuple[Group, bool]:
+    """Add a group; returns ``(group, created)`` (False when it already exists)."""
+    validate_name(name, "group")
+
+    def insert(session: Session) -> tuple[Group, bool]:
+        existing = session.scalar(select(Group).where(Group.name == name))
+        if existing is not None:
+            return existing, False
+        group = Group(name=name, description=description)
+        session.add(group)
+        session.flush()
+        return group, True
+
+    return registry.transact(insert)
+
+
+# -- remove --------------------------------------------------------------------------------------
+
+
+def pinning_compositions(session: Session, expert_ids: Sequence[int]) -> list[str]:
+    """``name@version`` of every composition that pins one of the experts (member or general)."""
+    members = select(CompositionExpert.composition_id).where(CompositionExpert.expert_id.in_(expert_ids))
+    statement = (
+        select(Composition.name, Composition.version)
+        .where(or_(Composition.id.in_(members), Composition.general_expert_id.in_(expert_ids)))
+        .order_by(Composition.name, Composition.version)
+    )
+    return [f"{n}@{v}" for n, v in session.execute(statement)]
+
+
+def remove_expert(registry: Registry, ref: str, *, force: bool = False) -> list[str]:
+    """Remove an expert version from the catalog; returns the removed ``name@version`` refs.
+
+    ``NAME@VERSION`` (or ``NAME@latest``) removes that version. A bare ``NAME`` removes the only
+    version, or every version with ``force``. Refused with InUse while a composition pins one
+    (compositions are immutable). Blobs stay in the store until ``gc``.
+    """
+    parsed = parse_ref(ref)
+
+    def work(session: Session) -> list[str]:
+        if parsed.version is not None or "@" in ref:
+            experts = [get_expert(session, parsed)]
+        else:
+            experts = list(session.scalars(select(Expert).where(Expert.name == parsed.name).order_by(Expert.version)))
+            if not experts:
+                get_expert(session, parsed)  # raises ExpertNotFound
+            if len(experts) > 1 and not force:
+                versions = ", ".join(str(e.version) for e in experts)
+                raise UsageError(
+                    f"expert {parsed.name!r} has versions {versions}: name one as "
+                    f"{parsed.name}@VERSION, or pass --force to remove them all"
+                )
+        ids = [e.id for e in experts]
+        pins = pinning_compositions(session, ids)
+        if pins:
+            refs = ", ".join(e.ref for e in experts)
+            raise InUse(
+                f"{refs} is pinned by composition {', '.join(pins)}; compositions are immutable, "
+                "so remove those first"
+            )
+        removed = [e.ref for e in experts]
+        session.execute(delete(ExpertFile).where(ExpertFile.expert_id.in_(ids)))
+        session.execute(delete(Expert).where(Expert.id.in_(ids)))
+        return removed
+
+    return registry.transact(work, attempts=1)
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad blob: who references it, under which path, and what is wrong."""
+
+    kind: str  # "expert" or "router"
+    ref: str  # name@version, or composition@version:router
+    path: str | None
+    digest: str
+    problem: str
+
+    def __str__(self) -> str:
+        where = f"{self.ref} {self.path}" if self.path else self.ref
+        return f"{where}: {self.problem}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    problems: list[Problem] = field(default_factory=list)
+    experts: int = 0
+    routers: int = 0
+    blobs: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "experts": self.experts,
+            "routers": self.routers,
+            "blobs": self.blobs,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
+    """Hash every blob of one expert (``ref``) or of the whole catalog (experts and routers)."""
+    report = VerifyReport()
+    results: dict[str, str | None] = {}
+
+    def check(digest: str) -> str | None:
+        if digest not in results:
+            try:
+                registry.store.path_verified(digest)
+                results[digest] = None
+            except ChecksumMismatch as error:
+                results[digest] = str(error)
+        return results[digest]
+
+    with registry.session() as session:
+        if ref is not None:
+            experts = [get_expert(session, ref)]
+            routers: list[tuple[str, str]] = []
+        else:
+            experts = list_experts(session, with_files=True)
+            routers = [
+                (f"{name}@{version}:{number}", digest)
+                for name, version, number, digest in session.execute(
+                    select(Composition.name, Composition.version, Router.number, Router.blob_digest)
+                    .join(Composition, Router.composition_id == Composition.id)
+                    .order_by(Composition.name, Composition.version, Router.number)
+                )
+            ]
+    for expert in experts:
+        report.experts += 1
+        for file in expert.files:
+            problem = check(file.sha256)
+            if problem is not None:
+                report.problems.append(Problem("expert", expert.ref, file.path, file.sha256, problem))
+    for router_ref, digest in routers:
+        report.routers += 1
+        problem = check(digest)
+        if problem is not None:
+            report.problems.append(Problem("router", router_ref, None, digest, problem))
+    report.blobs = len(results)
+    return report
+
+
+# -- garbage collection ----------------------------------------------------------------------------
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    grace_seconds: float
+    blobs: list[dict[str, Any]] = field(default_factory=list)  # {"digest", "size"}
+    temp_files: list[str] = field(default_factory=list)
+    kept_recent: int = 0  # unreferenced but younger than the grace period
+
+    @property
+    def bytes(self) -> int:
+        return sum(b["size"] for b in self.blobs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "grace_seconds": self.grace_seconds,
+            "blobs": self.blobs,
+            "temp_files": self.temp_files,
+            "kept_recent": self.kept_recent,
+            "bytes": self.bytes,
+        }
+
+
+def referenced_digests(session: Session) -> set[str]:
+    """Every blob the catalog references: expert files and router weights."""
+    digests = set(session.scalars(select(ExpertFile.sha256).distinct()))
+    digests.update(session.scalars(select(Router.blob_digest).distinct()))
+    return digests
+
+
+def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600) -> GcReport:
+    """Find (and unless ``dry_run`` remove) unreferenced blobs and stale temp files.
+
+    Only what is older than ``grace_seconds`` goes: a blob written (or deduplicated onto, which
+    touches it) by an add whose row is not committed yet is young, so it is kept.
+    """
+    if grace_seconds < 0:
+        raise UsageError(f"--grace must be >= 0 seconds, not {grace_seconds}")
+    report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
+    store = registry.store
+    with registry.session() as session:
+        referenced = referenced_digests(session)
+    cutoff = time.time() - grace_seconds
+    for digest in store.iter_digests():
+        if digest in referenced:
+            continue
+        try:
+            info = store.path_for(digest).stat()
+        except FileNotFoundError:
+            continue
+        if info.st_mtime > cutoff:
+            report.kept_recent += 1
+            continue
+        report.blobs.append({"digest": digest, "size": info.st_size})
+    for temp in store.iter_temp_files():
+        try:
+            if temp.stat().st_mtime <= cutoff:
+                report.temp_files.append(str(temp))
+        except FileNotFoundError:
+            continue
+    if not dry_run:
+        for blob in report.blobs:
+            store.remove(blob["digest"])
+        for temp in report.temp_files:
+            Path(temp).unlink(missing_ok=True)
+    return report

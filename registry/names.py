@@ -1,0 +1,69 @@
+"""Names of experts, groups, compositions and aliases, and references ``NAME[@VERSION][:ROUTER]``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from atmoe.errors import InvalidName, UsageError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+LATEST = "latest"
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is a valid catalog name, else raise InvalidName saying why."""
+    if not isinstance(name, str) or not name:
+        raise InvalidName(f"{what} is empty")
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise InvalidName(f"{what} {name!r} looks like a path: use letters, digits, '.', '_' and '-'")
+    if not NAME_PATTERN.match(name):
+        if len(name) > 64:
+            raise InvalidName(f"{what} {name[:20]!r}... is longer than 64 characters")
+        raise InvalidName(
+            f"{what} {name!r} is not valid: start with a letter or digit, then use only "
+            "letters, digits, '.', '_' and '-' (at most 64 characters)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A parsed reference. ``version`` None means latest; ``router`` is a number or an alias."""
+
+    name: str
+    version: int | None = None
+    router: int | str | None = None
+
+    def __str__(self) -> str:
+        text = self.name if self.version is None else f"{self.name}@{self.version}"
+        return text if self.router is None else f"{text}:{self.router}"
+
+
+def _positive_int(text: str, what: str, ref: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"reference {ref!r}: {what} must be a number >= 1 or 'latest', not {text!r}")
+    return int(text)
+
+
+def parse_ref(text: str) -> Ref:
+    """Parse ``NAME[@VERSION][:ROUTER]``: VERSION a number or ``latest``, ROUTER a number or alias."""
+    if not isinstance(text, str) or not text:
+        raise UsageError("empty reference: expected NAME[@VERSION][:ROUTER]")
+    rest, sep, router_text = text.partition(":")
+    if sep and not router_text:
+        raise UsageError(f"reference {text!r}: nothing after ':' (expected a router number or alias)")
+    name, at, version_text = rest.partition("@")
+    if at and not version_text:
+        raise UsageError(f"reference {text!r}: nothing after '@' (expected a version or 'latest')")
+    validate_name(name)
+    version = None
+    if at and version_text != LATEST:
+        version = _positive_int(version_text, "version", text)
+    router: int | str | None = None
+    if sep:
+        if router_text.isdigit():
+            router = _positive_int(router_text, "router", text)
+        else:
+            router = validate_name(router_text, "router alias")
+    return Ref(name=name, version=version, router=router)

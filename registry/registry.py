@@ -1,0 +1,213 @@
+"""The ``Registry`` facade: one catalog (database + blob store) and the operations the CLI uses.
+
+A thin class: each method delegates to a service module (``experts``, later ``compositions``,
+``routers``, ``build``, ``archive``) whose functions take the registry or a session.
+
+    reg = Registry.open()                      # ATMOE_HOME / ATMOE_DB_URL / ATMOE_STORE or defaults
+    expert, created = reg.add_expert("path/to/adapter", name="gastro", group="domain")
+    with reg.session() as s: ...               # read; nothing is committed
+    with reg.write() as s: ...                 # write; BEGIN IMMEDIATE on SQLite, commit on exit
+    reg.transact(fn)                           # write(fn) retried on IntegrityError (version numbers)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from atmoe.registry import db, experts
+from atmoe.registry.config import Settings, resolve
+from atmoe.registry.models import Expert, Group
+from atmoe.registry.store import BlobStore
+
+T = TypeVar("T")
+
+
+class Registry:
+    def __init__(self, settings: Settings, engine: Engine, store: BlobStore) -> None:
+        self.settings = settings
+        self.home: Path = settings.home
+        self.db_url: str = settings.db_url
+        self.engine: Engine = engine
+        self.store: BlobStore = store
+        self._write_engine = db.write_engine(engine)
+
+    @classmethod
+    def open(
+        cls,
+        home: str | os.PathLike[str] | None = None,
+        db_url: str | None = None,
+        store: str | os.PathLike[str] | None = None,
+        *,
+        check_schema: bool = True,
+        warn: Callable[[str], None] | None = db.default_warn,
+    ) -> Registry:
+        """Open (creating if needed) the catalog.
+
+        A blank database is created at the schema head. With ``check_schema`` (the default) an
+        older schema raises SchemaMismatch ("run atmoe-reg db upgrade") and an unknown one too;
+        ``check_schema=False`` opens without touching the schema (``db upgrade``, ``db current``).
+        ``warn`` receives one-line warnings (a SQLite database on a network filesystem).
+        """
+        settings = resolve(home, db_url, store)
+        settings.home.mkdir(parents=True, exist_ok=True)
+        engine = db.create_registry_engine(settings.db_url, warn=warn)
+        registry = cls(settings, engine, BlobStore(settings.store))
+        try:
+            registry.store.ensure()
+            if check_schema:
+                db.ensure_schema(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        return registry
+
+    def __repr__(self) -> str:
+        return f"Registry(db={self.engine.url!r}, store={str(self.store.root)!r})"
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- sessions ------------------------------------------------------------------------------
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A read session; objects stay usable after it closes. Nothing is committed."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write session: takes the write lock first on SQLite, commits on success."""
+        with Session(self._write_engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def transact(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+        """Run ``work(session)`` in a write transaction, retrying on IntegrityError.
+
+        Version and router numbers are allocated as max + 1 under unique constraints; on
+        PostgreSQL two writers may pick the same number, and the loser simply tries again.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.write() as session:
+                    return work(session)
+            except IntegrityError:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- schema ----------------------------------------------------------------------------------
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as connection:
+            return db.current_revision(connection)
+
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Upgrade the database to the schema head; returns (before, after)."""
+        return db.upgrade(self.engine)
+
+    # -- experts -----------------------------------------------------------------------------------
+    def add_expert(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str,
+        group: str,
+        domain: str | None = None,
+        style: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        description: str | None = None,
+        base_model: str | None = None,
+        base_revision: str | None = None,
+        created_by: str | None = None,
+        source: str | None = None,
+    ) -> tuple[Expert, bool]:
+        return experts.add_expert(
+            self,
+            Path(path),
+            name=name,
+            group=group,
+            domain=domain,
+            style=style,
+            tags=tags,
+            description=description,
+            base_model=base_model,
+            base_revision=base_revision,
+            created_by=created_by,
+            source=source,
+        )
+
+    def list_experts(
+        self,
+        group: str | None = None,
+        domain: str | None = None,
+        style: str | None = None,
+        tag: str | Sequence[str] | Mapping[str, str] | None = None,
+        base_model: str | None = None,
+        *,
+        with_files: bool = False,
+    ) -> list[Expert]:
+        """Every version, by name and version. Files are loaded only ``with_files``."""
+        with self.session() as session:
+            return experts.list_experts(
+                session,
+                group=group,
+                domain=domain,
+                style=style,
+                tag=tag,
+                base_model=base_model,
+                with_files=with_files,
+            )
+
+    def get_expert(self, ref: str) -> Expert:
+        """``NAME`` (latest), ``NAME@3`` or ``NAME@latest``; raises ExpertNotFound."""
+        with self.session() as session:
+            return experts.get_expert(session, ref)
+
+    def verify(self, ref: str | None = None) -> list[experts.Problem]:
+        """Re-hash the blobs of one expert, or of every expert and router; [] when all intact."""
+        return experts.verify(self, ref).problems
+
+    def verify_report(self, ref: str | None = None) -> experts.VerifyReport:
+        return experts.verify(self, ref)
+
+    def remove_expert(self, ref: str, force: bool = False) -> list[str]:
+        return experts.remove_expert(self, ref, force=force)
+
+    # -- groups ------------------------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        with self.session() as session:
+            return experts.list_groups(session)
+
+    def add_group(self, name: str, description: str | None = None) -> tuple[Group, bool]:
+        return experts.add_group(self, name, description)
+
+    # -- store maintenance -------------------------------------------------------------------------
+    def gc(self, dry_run: bool = True, grace_seconds: float = 3600) -> experts.GcReport:
+        return experts.gc(self, dry_run=dry_run, grace_seconds=grace_seconds)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "home": str(self.home),
+            "db_url": self.engine.url.render_as_string(hide_password=True),
+            "store": str(self.store.root),
+            "revision": self.current_revision(),
+            "head": db.HEAD,
+        }

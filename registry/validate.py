@@ -1,0 +1,453 @@
+"""Validation of a PEFT LoRA adapter directory, without torch.
+
+An acceptable expert is a directory with ``adapter_config.json`` (``peft_type`` LORA) and
+``adapter_model.safetensors``. The safetensors header is parsed here (8-byte little-endian length,
+then a JSON header) with bounds checks, so a corrupt or truncated file is named, never loaded.
+Every lora_A ``[r, in]`` / lora_B ``[out, r]`` pair must agree with ``r`` or ``rank_pattern`` and
+with each other, and float tensors must hold no NaN or Inf (checked with numpy, in chunks, while the
+file streams into the blob store). Pickle files are refused and never opened.
+
+Every failure raises one ``InvalidAdapter`` (or ``PickleRefused``) line naming the file and problem.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from atmoe.errors import InvalidAdapter, PickleRefused
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 100_000_000  # the limit of the safetensors library itself
+MAX_CONFIG_BYTES = 10_000_000
+CHECK_CHUNK = 1 << 20
+
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+    "C64": 8,
+}  # fmt: skip
+
+# (numpy view dtype, exponent mask): a value is NaN or Inf exactly when all its exponent bits are 1.
+_NONFINITE_MASKS: dict[str, tuple[str, int]] = {
+    "F16": ("<u2", 0x7C00),
+    "BF16": ("<u2", 0x7F80),
+    "F32": ("<u4", 0x7F800000),
+    "F64": ("<u8", 0x7FF0000000000000),
+}
+
+# PEFT saves "base_model.model.<module>.lora_A.weight" (the adapter name is stripped)
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
+
+PICKLE_HINT = (
+    "pickle weights are never loaded: convert them where you trust the file, e.g. "
+    "PeftModel.from_pretrained(base_model, DIR).save_pretrained(OUT, safe_serialization=True), "
+    "and add OUT (without any pickle files)"
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int  # exclusive
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+@dataclass
+class AdapterInfo:
+    """What the registry records about a valid adapter."""
+
+    path: Path
+    peft_type: str
+    r: int
+    alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    module_ranks: dict[str, int]  # module name (as in the base model) -> rank
+    base_model_name_or_path: str | None
+    revision: str | None
+    files: list[str]  # relative paths of the files an expert stores, sorted
+    config: dict[str, Any] = field(repr=False, default_factory=dict)
+    header: SafetensorsHeader | None = field(repr=False, default=None)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+
+def _fail(file: str | Path, problem: str) -> InvalidAdapter:
+    return InvalidAdapter(f"{file}: {problem}")
+
+
+# -- safetensors -----------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse and bounds-check a safetensors header; never reads tensor data."""
+    path = Path(path)
+    label = path.name
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _fail(label, f"truncated: {file_size} bytes, too short for a safetensors header")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise _fail(label, f"corrupt: header length {header_len} exceeds {MAX_HEADER_BYTES} bytes")
+            if 8 + header_len > file_size:
+                raise _fail(
+                    label,
+                    f"truncated or corrupt: header of {header_len} bytes but the file has {file_size}",
+                )
+            raw = handle.read(header_len)
+    except OSError as error:
+        raise _fail(label, f"cannot be read ({error.strerror or error})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _fail(label, "corrupt: the safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _fail(label, "corrupt: the safetensors header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _fail(label, "corrupt: __metadata__ must map strings to strings")
+
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise _fail(label, f"corrupt: tensor {name!r} has no dtype/shape/data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_SIZES:
+            raise _fail(label, f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise _fail(label, f"corrupt: tensor {name!r} has an invalid shape {shape!r}")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise _fail(label, f"corrupt: tensor {name!r} has invalid data_offsets {offsets!r}")
+        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise _fail(
+                label,
+                f"corrupt: tensor {name!r} {dtype}{shape} needs {expected} bytes "
+                f"but data_offsets span {offsets[1] - offsets[0]}",
+            )
+        if offsets[1] > data_size:
+            raise _fail(
+                label,
+                f"truncated: tensor {name!r} ends at byte {data_start + offsets[1]} "
+                f"but the file has {file_size}",
+            )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+    previous_end = data_start
+    for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
+        if info.start < previous_end:
+            raise _fail(label, f"corrupt: tensor {info.name!r} overlaps the tensor before it")
+        previous_end = info.end
+    return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
+
+
+class FiniteCheck:
+    """Checks that float tensors hold no NaN or Inf, fed the file's bytes in order, in any chunks.
+
+    Used as the blob store's ``inspect`` hook, so the weights are read once: hashed, checked and
+    copied in the same pass. Raises InvalidAdapter naming the first bad tensor.
+    """
+
+    def __init__(self, header: SafetensorsHeader, label: str = WEIGHTS_FILE) -> None:
+        self.label = label
+        self.offset = 0  # file offset of the next byte fed
+        self.ranges = sorted(
+            (t for t in header.tensors.values() if t.dtype in _NONFINITE_MASKS and t.nbytes),
+            key=lambda t: t.start,
+        )
+        self.index = 0
+        self.carry = b""  # bytes of an element split between two chunks
+
+    def __call__(self, chunk: memoryview | bytes) -> None:
+        chunk_start = self.offset
+        chunk_end = chunk_start + len(chunk)
+        self.offset = chunk_end
+        while self.index < len(self.ranges):
+            tensor = self.ranges[self.index]
+            if tensor.start >= chunk_end:
+                return
+            lo = max(tensor.start, chunk_start)
+            hi = min(tensor.end, chunk_end)
+            if hi > lo:
+                self._check(tensor, bytes(self.carry) + bytes(chunk[lo - chunk_start : hi - chunk_start]))
+            if tensor.end > chunk_end:
+                return
+            self.index += 1
+            self.carry = b""
+
+    def _check(self, tensor: TensorInfo, data: bytes) -> None:
+        view_dtype, mask = _NONFINITE_MASKS[tensor.dtype]
+        width = np.dtype(view_dtype).itemsize
+        whole = len(data) - len(data) % width
+        self.carry = data[whole:]
+        if not whole:
+            return
+        bits = np.frombuffer(data, dtype=view_dtype, count=whole // width)
+        exponent = np.bitwise_and(bits, np.array(mask, dtype=view_dtype))
+        if np.any(exponent == np.array(mask, dtype=view_dtype)):
+            raise _fail(self.label, f"tensor {tensor.name!r} contains NaN or Inf values")
+
+    def finish(self) -> None:
+        """Raise if fewer bytes were fed than the tensors need (a file changed while read)."""
+        if self.index < len(self.ranges):
+            raise _fail(self.label, "truncated: the file ended before all tensors were read")
+
+
+def check_finite_file(path: str | os.PathLike[str], header: SafetensorsHeader | None = None) -> None:
+    """Stream a safetensors file once and raise InvalidAdapter if a float tensor has NaN or Inf."""
+    header = header or read_safetensors_header(path)
+    check = FiniteCheck(header, Path(path).name)
+    buffer = bytearray(CHECK_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            check(view[:n])
+    check.finish()
+
+
+# -- adapter_config.json ---------------------------------------------------------------------
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise _fail(CONFIG_FILE, "is too large to be an adapter config")
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise _fail(CONFIG_FILE, f"cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise _fail(CONFIG_FILE, "is not UTF-8 text") from None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _fail(CONFIG_FILE, f"is not valid JSON (line {error.lineno}: {error.msg})") from None
+    if not isinstance(config, dict):
+        raise _fail(CONFIG_FILE, "is not a JSON object")
+    return config
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(CONFIG_FILE, f"{key} must be a positive integer, not {value!r}")
+    return value
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(CONFIG_FILE, f"{key} must be a finite number, not {value!r}")
+    return float(value)
+
+
+def _pattern(config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise _fail(CONFIG_FILE, f"{key} must be an object mapping module patterns to values")
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error:
+            raise _fail(CONFIG_FILE, f"{key} has an invalid pattern {pattern!r}") from None
+    return value
+
+
+def pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
+    """PEFT's rule: a pattern applies when it matches a dotted suffix of the module name."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _target_modules(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return sorted(value)
+    raise _fail(CONFIG_FILE, f"target_modules must be a string or a list of strings, not {value!r}")
+
+
+def _optional_str(config: dict[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _fail(CONFIG_FILE, f"{key} must be a string, not {value!r}")
+    return value
+
+
+# -- the directory ---------------------------------------------------------------------------
+
+
+def adapter_files(path: Path) -> list[str]:
+    """The files an expert stores: the directory's regular top-level files, without dotfiles."""
+    return sorted(
+        entry.name
+        for entry in path.iterdir()
+        if not entry.name.startswith(".") and entry.is_file()
+    )
+
+
+def validate_adapter(path: str | os.PathLike[str], *, check_values: bool = True) -> AdapterInfo:
+    """Validate a PEFT LoRA directory and describe it.
+
+    ``check_values=False`` skips the NaN/Inf scan over the weights, for callers that run
+    ``FiniteCheck`` themselves while streaming the file (``experts.add_expert``).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InvalidAdapter(f"{root}: no such directory")
+    if not root.is_dir():
+        raise InvalidAdapter(
+            f"{root}: not a directory; expected a PEFT LoRA adapter directory "
+            f"({CONFIG_FILE} + {WEIGHTS_FILE})"
+        )
+    files = adapter_files(root)
+    for name in files:
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise PickleRefused(f"{name}: refused, {PICKLE_HINT}")
+    if CONFIG_FILE not in files:
+        raise InvalidAdapter(
+            f"{root}: not a PEFT LoRA adapter directory (no {CONFIG_FILE}); "
+            "save the adapter with PEFT's save_pretrained()"
+        )
+    config = _read_config(root / CONFIG_FILE)
+
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise _fail(CONFIG_FILE, f"peft_type is {peft_type!r}; only LORA adapters are accepted")
+    if config.get("use_dora"):
+        raise _fail(CONFIG_FILE, "use_dora is set; DoRA adapters cannot be mixed, only plain LoRA")
+    if config.get("modules_to_save"):
+        raise _fail(CONFIG_FILE, "modules_to_save is set; experts may only hold LoRA matrices")
+    r = _positive_int(config.get("r"), "r")
+    alpha = _number(config.get("lora_alpha", r), "lora_alpha")
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise _fail(CONFIG_FILE, f"use_rslora must be true or false, not {use_rslora!r}")
+    rank_pattern = _pattern(config, "rank_pattern")
+    alpha_pattern = _pattern(config, "alpha_pattern")
+    for key, value in rank_pattern.items():
+        _positive_int(value, f"rank_pattern[{key!r}]")
+    for key, value in alpha_pattern.items():
+        _number(value, f"alpha_pattern[{key!r}]")
+    target_modules = _target_modules(config.get("target_modules"))
+
+    if WEIGHTS_FILE not in files:
+        raise InvalidAdapter(f"{root}: no {WEIGHTS_FILE}; only safetensors LoRA weights are accepted")
+    header = read_safetensors_header(root / WEIGHTS_FILE)
+    module_ranks = check_lora_tensors(header, r=r, rank_pattern=rank_pattern)
+    if check_values:
+        check_finite_file(root / WEIGHTS_FILE, header)
+
+    return AdapterInfo(
+        path=root,
+        peft_type=peft_type,
+        r=r,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=target_modules,
+        rank_pattern=dict(rank_pattern),
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        module_ranks=module_ranks,
+        base_model_name_or_path=_optional_str(config, "base_model_name_or_path"),
+        revision=_optional_str(config, "revision"),
+        files=files,
+        config=config,
+        header=header,
+    )
+
+
+def check_lora_tensors(header: SafetensorsHeader, *, r: int, rank_pattern: dict[str, Any]) -> dict[str, int]:
+    """Pair lora_A / lora_B per module and check their shapes; return {module: rank}."""
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in header.tensors.items():
+        if not _TENSOR_NAME.match(name):
+            raise _fail(WEIGHTS_FILE, f"tensor name {name!r} is not a valid module path")
+        match = _LORA_KEY.match(name)
+        if match is None:
+            raise _fail(
+                WEIGHTS_FILE,
+                f"tensor {name!r} is not a LoRA matrix (expected <module>.lora_A.weight / .lora_B.weight)",
+            )
+        if info.dtype not in _NONFINITE_MASKS:
+            raise _fail(WEIGHTS_FILE, f"tensor {name!r} has dtype {info.dtype}; LoRA weights must be F16, BF16, F32 or F64")
+        pairs.setdefault(match["module"], {})[match["which"]] = info
+    if not pairs:
+        raise _fail(WEIGHTS_FILE, "holds no LoRA tensors")
+
+    module_ranks: dict[str, int] = {}
+    for module in sorted(pairs):
+        pair = pairs[module]
+        for which in "AB":
+            if which not in pair:
+                raise _fail(WEIGHTS_FILE, f"module {module!r} has no lora_{which}.weight")
+        a, b = pair["A"], pair["B"]
+        for info in (a, b):
+            if len(info.shape) != 2:
+                raise _fail(WEIGHTS_FILE, f"tensor {info.name!r} has shape {list(info.shape)}; expected 2-D")
+        key = pattern_key(rank_pattern, module)
+        expected = int(rank_pattern[key]) if key is not None else r
+        source = f"rank_pattern[{key!r}]" if key is not None else "r"
+        if a.shape[0] != b.shape[1]:
+            raise _fail(
+                WEIGHTS_FILE,
+                f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank",
+            )
+        if a.shape[0] != expected:
+            raise _fail(
+                WEIGHTS_FILE,
+                f"module {module!r}: lora_A {list(a.shape)} has rank {a.shape[0]} "
+                f"but the config says {source} = {expected}",
+            )
+        module_ranks[module] = expected
+    return module_ranks
