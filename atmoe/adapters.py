@@ -37,7 +37,8 @@ def get_pattern_key(pattern_keys: list[str] | tuple[str, ...], module_key: str) 
     """The first pattern that matches the end of ``module_key`` (exactly as peft.utils.other does).
 
     A pattern matches when it is the whole key or a suffix after a dot, by ``re.match``; keys are
-    tried in the config's order; no match returns ``module_key`` itself.
+    tried in the config's order (PEFT writes adapter_config.json with sorted keys, so for a saved
+    adapter that is sorted order); no match returns ``module_key`` itself.
     """
     for pattern in pattern_keys:
         if re.match(rf"(.*\.)?({pattern})$", module_key):
