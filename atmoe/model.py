@@ -97,6 +97,7 @@ class AtMoEModel(nn.Module):
             self.lambda_logits = None
 
         self._forced: Tensor | None = None
+        self._routing_mask: Tensor | None = None
         self._mask: Tensor | None = None
         self._decoding = False
         self._last: list[tuple[Tensor, Tensor, Tensor | None] | None] = [None] * self.num_blocks
@@ -109,9 +110,18 @@ class AtMoEModel(nn.Module):
 
     # ------------------------------------------------------------------ the base model's surface
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Exactly the base model's forward (same arguments, same outputs)."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, routing_mask: Tensor | None = None, **kwargs: Any) -> Any:
+        """Exactly the base model's forward (same arguments, same outputs).
+
+        ``routing_mask`` [B, T] (optional) marks the tokens that sequence routing pools over, instead
+        of the attention mask: router training passes the prompt tokens, so that a request is routed
+        in training exactly as it is at inference, where only the prompt exists.
+        """
+        self._routing_mask = routing_mask
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            self._routing_mask = None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate``; the hooks route the prompt and reuse it for decoding."""
@@ -142,7 +152,7 @@ class AtMoEModel(nn.Module):
 
     def _capture_request(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         arguments = self._signature.bind_partial(*args, **kwargs).arguments if args else kwargs
-        mask = arguments.get("attention_mask")
+        mask = self._routing_mask if self._routing_mask is not None else arguments.get("attention_mask")
         self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         self._decoding = _cache_length(arguments.get("past_key_values")) > 0
 

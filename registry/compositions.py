@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from atmoe.errors import CompositionNotFound, GroupNotFound, InvalidComposition, UsageError
+from atmoe.registry.experts import get_expert
 from atmoe.registry.models import Composition, CompositionExpert, Expert, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
 
@@ -58,24 +59,6 @@ class ComposeSpec:
             raise UsageError(f"--router must be one of {', '.join(ROUTER_KINDS)}, not {self.router!r}")
 
 
-def resolve_expert(session: Session, text: str) -> Expert:
-    """The expert a reference ``NAME[@VERSION]`` names (latest when no version)."""
-    from atmoe.errors import ExpertNotFound
-
-    ref = parse_ref(text)
-    if ref.router is not None:
-        raise UsageError(f"expert reference {text!r} cannot name a router")
-    query = select(Expert).where(Expert.name == ref.name)
-    if ref.version is None:
-        query = query.order_by(Expert.version.desc()).limit(1)
-    else:
-        query = query.where(Expert.version == ref.version)
-    expert = session.scalars(query).first()
-    if expert is None:
-        raise ExpertNotFound(f"no expert {ref.name}" + (f"@{ref.version}" if ref.version else ""))
-    return expert
-
-
 def _latest_per_name(session: Session, group: Group) -> list[Expert]:
     latest = (
         select(Expert.name, func.max(Expert.version).label("version"))
@@ -102,7 +85,7 @@ def plan_members(session: Session, spec: ComposeSpec) -> tuple[dict[str, list[Ex
     chosen: dict[str, list[Expert]] = {name: [] for name in spec.groups}
     seen: set[str] = set()
     for text in spec.experts:
-        expert = resolve_expert(session, text)
+        expert = get_expert(session, text)
         if expert.name in seen:
             raise InvalidComposition(f"duplicate expert {expert.name!r} in the composition")
         seen.add(expert.name)
@@ -117,7 +100,7 @@ def plan_members(session: Session, spec: ComposeSpec) -> tuple[dict[str, list[Ex
         if not experts:
             raise InvalidComposition(f"group {name!r} has no experts: add one with `atmoe-reg add-expert ... --group {name}`")
         members[name] = experts
-    general = resolve_expert(session, spec.general) if spec.general else None
+    general = get_expert(session, spec.general) if spec.general else None
     if general is not None and any(e.name == general.name for es in members.values() for e in es):
         raise InvalidComposition(f"duplicate expert {general.name!r}: it is both a member and the general expert")
     everyone = [e for es in members.values() for e in es] + ([general] if general else [])
@@ -256,3 +239,14 @@ def pinned_expert_ids(session: Session) -> set[int]:
     ids = set(session.scalars(select(CompositionExpert.expert_id)))
     ids |= {i for i in session.scalars(select(Composition.general_expert_id)) if i is not None}
     return ids
+
+
+def check_forced_names(composition: Composition, weights) -> None:
+    """Forced weights may only name the composition's routed experts (a usage error otherwise)."""
+    known = [m.expert.name for m in composition.members]
+    unknown = [name for name in weights if name not in known]
+    if unknown:
+        raise UsageError(
+            f"--force names {', '.join(repr(n) for n in unknown)}, not an expert of {composition.ref} "
+            f"(experts: {', '.join(known)})"
+        )

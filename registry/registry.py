@@ -22,8 +22,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from atmoe.errors import UsageError
+
 from atmoe.registry import db, experts
 from atmoe.registry.config import Settings, resolve
+from atmoe.registry.experts import current_user
 from atmoe.registry.models import Expert, Group
 from atmoe.registry.store import BlobStore
 
@@ -211,3 +214,95 @@ class Registry:
             "revision": self.current_revision(),
             "head": db.HEAD,
         }
+
+    # -- compositions ------------------------------------------------------------------------------
+    def compose(
+        self,
+        *,
+        name: str,
+        groups: Sequence[str],
+        experts: Sequence[str] = (),
+        general: str | None = None,
+        lam: float | None = None,
+        learn_lambda: bool = False,
+        temperature: float = 1.0,
+        routing: str = "sequence",
+        router: str = "grouped",
+        shared_router: bool = False,
+        static_inside: bool = False,
+        description: str | None = None,
+        created_by: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Pin a composition version (the same spec returns the existing one); returns (record, created)."""
+        from atmoe.registry import compositions
+
+        spec = compositions.ComposeSpec(
+            name=name, groups=tuple(groups), experts=tuple(experts), general=general, lam=lam,
+            learn_lambda=learn_lambda, temperature=temperature, routing=routing, router=router,
+            shared_router=shared_router, static_inside=static_inside, description=description,
+        )
+
+        def work(session: Session) -> tuple[dict[str, Any], bool]:
+            row, created = compositions.compose(session, spec, created_by=created_by or current_user())
+            return compositions.composition_record(row), created
+
+        return self.transact(work)
+
+    def compositions(self, name: str | None = None) -> list[dict[str, Any]]:
+        from atmoe.registry import compositions
+
+        with self.session() as session:
+            return [compositions.composition_record(c) for c in compositions.list_compositions(session, name)]
+
+    def composition(self, ref: str) -> dict[str, Any]:
+        from atmoe.registry import compositions
+
+        with self.session() as session:
+            return compositions.composition_record(compositions.get_composition(session, ref))
+
+    def check_force(self, ref: str, weights: Mapping[str, float] | None) -> None:
+        """Refuse forced weights naming experts outside the composition, before any model is built."""
+        if not weights:
+            return
+        from atmoe.registry import compositions, names
+
+        with self.session() as session:
+            composition = compositions.get_composition(session, names.parse_ref(ref))
+            compositions.check_forced_names(composition, weights)
+
+    # -- building and routers ------------------------------------------------------------------------
+    def build(self, ref: str, *, router: bool = True, base_model: str | None = None, dtype: Any = None) -> Any:
+        """Verify every blob, then build the composition's model (+ router); returns ``build.Built``."""
+        from atmoe.registry.build import build_composition
+
+        with self.session() as session:
+            return build_composition(session, self.store, ref, router=router, base_model=base_model, dtype=dtype)
+
+    def train_router(self, ref: str, **kwargs: Any) -> Any:
+        """Train and record the next router of ``ref``; see ``router_training.train_and_record``."""
+        from atmoe.registry.router_training import train_and_record
+
+        kwargs.setdefault("created_by", current_user())
+        return train_and_record(self, ref, **kwargs)
+
+    def routers(self, ref: str) -> list[dict[str, Any]]:
+        from atmoe.registry import routers
+
+        with self.session() as session:
+            _, rows = routers.list_routers(session, ref)
+            return [routers.router_record(session, row) for row in rows]
+
+    def set_alias(self, router_ref: str, alias: str) -> dict[str, Any]:
+        """Point ``alias`` at the router ``NAME[@VERSION]:ROUTER`` names; returns the router's record."""
+        from atmoe.registry import names, routers
+
+        ref = names.parse_ref(router_ref)
+        if ref.router is None:
+            raise UsageError(f"{router_ref!r} names no router: use NAME[@VERSION]:ROUTER")
+
+        def work(session: Session) -> dict[str, Any]:
+            composition, router = routers.resolve_router(session, ref)
+            routers.set_alias(session, composition.name, alias, router)
+            return routers.router_record(session, router)
+
+        return self.transact(work)

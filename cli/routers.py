@@ -1,0 +1,225 @@
+"""Router commands: train-router, routers, alias, route, generate, export-lora.
+
+torch is imported only inside the commands that build a model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from atmoe.cli import output
+from atmoe.cli.app import get_registry, main
+from atmoe.errors import UsageError
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print data alone on stdout, as JSON.")
+force_option = click.option("--force", "force", multiple=True, metavar="NAME=W",
+                            help="Force an expert's weight (repeatable); unnamed experts get 0.")
+router_option = click.option("--router", "router", metavar="N|ALIAS", help="Router number or alias (default: the newest).")
+base_option = click.option("--base-model", help="Load the base model from here instead of the catalog's reference.")
+
+
+def parse_force(values: tuple[str, ...]) -> dict[str, float] | None:
+    """``NAME=W`` pairs into weights; malformed, negative or non-finite values are usage errors."""
+    if not values:
+        return None
+    weights: dict[str, float] = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--force {text!r}: expected NAME=WEIGHT, e.g. --force diagnosis=1.0")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise UsageError(f"--force {text!r}: {value!r} is not a number") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise UsageError(f"--force {text!r}: weights must be finite and >= 0")
+        if name in weights:
+            raise UsageError(f"--force names {name!r} twice")
+        weights[name] = weight
+    return weights
+
+
+def _with_router(ref: str, router: str | None) -> str:
+    if router is None:
+        return ref
+    if ":" in ref:
+        raise UsageError(f"{ref!r} already names a router: drop --router or the ':ROUTER' part")
+    return f"{ref}:{router}"
+
+
+@main.command("train-router")
+@click.argument("ref")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL (prompt/response or messages, optional intents).")
+@click.option("--eval", "eval_data", type=click.Path(dir_okay=False), help="Evaluation JSONL.")
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-length", type=int, default=512, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", help="cpu, cuda, mps (default: accelerate's choice).")
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
+@click.option("--routing-loss-weight", type=float, default=0.5, show_default=True,
+              help="Weight of the auxiliary routing loss on examples with intents.")
+@click.option("--alias", help="Point this alias (e.g. prod) at the new router.")
+@click.option("--notes", help="Free text recorded with the router.")
+@base_option
+@json_option
+def train_router(ref, data, eval_data, epochs, lr, batch_size, max_length, grad_accum, seed, device, mixed_precision,
+                 routing_loss_weight, alias, notes, base_model, as_json) -> None:
+    """Train the routers of a composition (experts frozen) and record them as its next router."""
+    from atmoe.training import TrainConfig
+
+    config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, grad_accum=grad_accum,
+                         seed=seed, device=device, mixed_precision=mixed_precision,
+                         routing_loss_weight=routing_loss_weight)
+    registry = get_registry()
+    trained = registry.train_router(ref, data=data, eval_data=eval_data, config=config, alias=alias, notes=notes,
+                                    progress=True, console=output.console(), base_model=base_model)
+    record = trained.record
+    if as_json:
+        output.print_json(record)
+        return
+    metrics = record["metrics"]
+    shown = {k: metrics[k] for k in ("train_loss", "eval_loss_before", "eval_loss", "routing_accuracy") if k in metrics}
+    output.message(f"recorded router {record['ref']}" + (f" (alias {alias})" if alias else "")
+                   + f"; data sha256:{output.short_digest(record['data_digest'])}; "
+                   + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
+
+
+@main.command("routers")
+@click.argument("ref")
+@json_option
+def routers(ref: str, as_json: bool) -> None:
+    """The routers of a composition version, with their lineage and metrics."""
+    records = get_registry().routers(ref)
+    if as_json:
+        output.print_json(records)
+        return
+    output.print_table(
+        ["ref", "aliases", "data", "eval loss", "routing acc", "epochs", "lr", "seed", "created"],
+        [(r["ref"], r["aliases"], output.short_digest(r["data_digest"]), _fmt(r["metrics"].get("eval_loss")),
+          _fmt(r["metrics"].get("routing_accuracy")), r["hyperparameters"].get("epochs"),
+          r["hyperparameters"].get("lr"), r["hyperparameters"].get("seed"),
+          r["created_at"][:16] if r["created_at"] else "") for r in records],
+    )
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+@main.command("alias")
+@click.argument("router_ref", metavar="NAME[@VERSION]:ROUTER")
+@click.argument("alias")
+def alias(router_ref: str, alias: str) -> None:
+    """Point ALIAS (e.g. prod) at a router; an existing alias moves."""
+    record = get_registry().set_alias(router_ref, alias)
+    output.message(f"{alias} -> {record['ref']}")
+
+
+def _routing_out(document: dict, expert_groups: dict[str, str], as_json: bool, plot: str | None, title: str) -> None:
+    from atmoe.report import heatmap_png, routing_table
+
+    if plot:
+        blocks = [{"groups": b["groups"], "experts": b["experts"]} for b in document["blocks"]]
+        heatmap_png({title: blocks}, plot, title=title)
+    if as_json:
+        output.print_json(document)
+        return
+    blocks = [{"groups": b["groups"], "experts": b["experts"]} for b in document["blocks"]]
+    output.stdout_console().print(routing_table(blocks, expert_groups, title=title))
+    summary = document["summary"]
+    top = max(summary["experts"], key=summary["experts"].get)
+    output.message(f"mean over {len(blocks)} blocks: top group {max(summary['groups'], key=summary['groups'].get)}, "
+                   f"top expert {top}" + (f"; plot written to {plot}" if plot else ""))
+
+
+@main.command("route")
+@click.argument("ref")
+@click.argument("prompt")
+@router_option
+@force_option
+@base_option
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a routing heatmap PNG here.")
+@json_option
+def route(ref, prompt, router, force, base_model, plot, as_json) -> None:
+    """Show, block by block, the groups and experts the routers choose for PROMPT."""
+    from atmoe.inspect import route_prompt
+
+    weights = parse_force(force)
+    registry = get_registry()
+    registry.check_force(ref, weights)
+    built = registry.build(_with_router(ref, router), base_model=base_model)
+    document = route_prompt(built.model, built.tokenizer, prompt, force=weights)
+    document["lineage"] = built.lineage()
+    label = "forced" if weights else (built.router or f"{built.composition} (untrained router)")
+    _routing_out(document, built.model.expert_groups, as_json, plot, f"{label}: {prompt}")
+
+
+@main.command("generate")
+@click.argument("ref")
+@click.argument("prompt")
+@router_option
+@force_option
+@base_option
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@json_option
+def generate(ref, prompt, router, force, base_model, max_new_tokens, as_json) -> None:
+    """Answer PROMPT (greedy, streamed), then show the routing summary and lineage."""
+    import sys
+
+    from atmoe.inspect import generate_text
+    from atmoe.report import top_expert_per_group
+
+    if max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    weights = parse_force(force)
+    registry = get_registry()
+    registry.check_force(ref, weights)
+    built = registry.build(_with_router(ref, router), base_model=base_model)
+
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    answer, document = generate_text(built.model, built.tokenizer, prompt, max_new_tokens=max_new_tokens,
+                                     force=weights, on_text=None if as_json else stream)
+    if as_json:
+        output.print_json({"answer": answer, "routing": document, "lineage": built.lineage()})
+        return
+    sys.stdout.write("\n")
+    summary = document["summary"]
+    tops = top_expert_per_group(summary["experts"], built.model.expert_groups)
+    groups = ", ".join(f"{g} {summary['groups'][g]:.2f} -> {tops[g]}" for g in summary["groups"])
+    output.message(f"routing (mean over blocks): {groups}; by {built.router or built.composition + ' (untrained router)'}")
+
+
+@main.command("export-lora")
+@click.argument("ref")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@router_option
+@force_option
+@click.option("--prompt", help="Export the per-block plan the router chooses for this prompt.")
+@base_option
+def export_lora(ref, out_dir, router, force, prompt, base_model) -> None:
+    """Write a routing plan (forced weights, or the router's choice for --prompt) as one plain PEFT LoRA."""
+    from atmoe.export import export_lora as write_plan
+    from atmoe.inspect import route_prompt
+
+    weights = parse_force(force)
+    if (weights is None) == (prompt is None):
+        raise UsageError("give either --force NAME=W ... or --prompt TEXT")
+    registry = get_registry()
+    registry.check_force(ref, weights)
+    built = registry.build(_with_router(ref, router), base_model=base_model)
+    if weights is not None:
+        with built.model.forced_routing(weights):
+            route_prompt(built.model, built.tokenizer, prompt or "plan", force=None)
+            path = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
+    else:
+        route_prompt(built.model, built.tokenizer, prompt)
+        path = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
+    output.message(f"wrote a plain PEFT LoRA adapter to {path} (from {built.router or built.composition})")
