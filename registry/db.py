@@ -142,10 +142,10 @@ _warned: set[str] = set()
 def warn_network_filesystem(
     db_path: Path,
     warn: Callable[[str], None],
-    detect: Callable[[Path], str | None] = network_filesystem,
+    detect: Callable[[Path], str | None] | None = None,
 ) -> str | None:
     """Warn once per process and path when a SQLite database lies on a network filesystem."""
-    kind = detect(db_path)
+    kind = (detect or network_filesystem)(db_path)
     if kind is None or str(db_path) in _warned:
         return kind
     _warned.add(str(db_path))
@@ -209,16 +209,21 @@ def create_registry_engine(
     url: str,
     *,
     warn: Callable[[str], None] | None = default_warn,
-    detect_network_fs: Callable[[Path], str | None] = network_filesystem,
+    detect_network_fs: Callable[[Path], str | None] | None = None,
 ) -> Engine:
-    """An engine for ``url``; SQLite gets its pragmas and our transaction handling."""
+    """An engine for ``url``; SQLite gets its pragmas and our transaction handling.
+
+    ``detect_network_fs`` (default: ``network_filesystem``, looked up at call time so tests can
+    replace it) names the network filesystem a SQLite file lies on, or returns None.
+    """
     if not is_sqlite(url):
         return create_engine(url, pool_pre_ping=True)
     path = sqlite_path(url)
     remote = None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remote = warn_network_filesystem(path, warn or (lambda _m: None), detect_network_fs)
+        detect = detect_network_fs or network_filesystem
+        remote = warn_network_filesystem(path, warn or (lambda _m: None), detect)
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
     # WAL needs shared memory between processes, which network filesystems do not provide.
     _install_sqlite_events(engine, wal=path is not None and remote is None)
@@ -293,7 +298,7 @@ def alembic_config(connection: Connection | None = None) -> Any:
     script_location = Path(atmoe.migrations.__file__).parent
     config = Config()
     config.set_main_option("script_location", str(script_location))
-    config.set_main_option("version_locations", str(script_location / "versions"))
+    config.set_main_option("path_separator", "os")
     if connection is not None:
         config.attributes["connection"] = connection
     return config
