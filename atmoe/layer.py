@@ -135,6 +135,11 @@ class MixtureLoraLinear(nn.Module):
         y = self.base_layer(x)                                      # [B, T, d]  W0 x
         scale_row = self.routing.scale_row(self)                    # [B, 1|T, R]  lambda w_e s_e | (1-lambda) s_p
         h = torch.matmul(x, self.A_cat.T) * scale_row               # [B, T, R]  A_e x, weighted
+        if y.is_contiguous() and h.is_contiguous():
+            # y += h @ B_cat.T in place: one pass over y instead of a new [B, T, d] tensor plus an add.
+            # Safe for autograd: neither the base matmul nor addmm saves its output for backward.
+            y.view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), self.B_cat.T)
+            return y                                                # [B, T, d]
         return y + torch.matmul(h, self.B_cat.T)                    # [B, T, d]  + sum over experts of B_e h_e
 
     @torch.no_grad()

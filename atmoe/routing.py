@@ -12,19 +12,19 @@ from torch import Tensor
 
 
 def pool_hidden(hidden: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of each row's hidden states over its real (mask == 1) tokens, in float32.
+    """Mean of each row's hidden states over its real (mask == 1) tokens, returned in float32.
 
     hidden [B, T, D], mask [B, T] (1 real, 0 padding; None: all real) -> [B, D].
-    A row without any real token pools to zeros rather than NaN.
+    The sum is one batched matmul in the hidden states' own dtype (float32 accumulation inside the
+    matmul), so a bf16 model reads its hidden states once and makes no float32 copy of them; padding
+    hidden states must be finite (transformers keeps them so). A row without real tokens pools to 0.
     """
-    hidden = hidden.float()                                            # [B, T, D]
+    batch, tokens, _ = hidden.shape
     if mask is None:
-        return hidden.mean(dim=1)                                      # [B, D]
-    real = mask.to(device=hidden.device).bool()                        # [B, T]
-    hidden = hidden.masked_fill(~real.unsqueeze(-1), 0.0)              # [B, T, D]  padding may hold NaN
-    weights = real.to(hidden.dtype).unsqueeze(1)                       # [B, 1, T]
-    summed = torch.bmm(weights, hidden).squeeze(1)                     # [B, D]     sum of real tokens
-    count = weights.sum(dim=-1).clamp_min(1.0)                         # [B, 1]
+        mask = hidden.new_ones(batch, tokens)                          # [B, T]
+    weights = mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(1)   # [B, 1, T]
+    summed = torch.bmm(weights, hidden).squeeze(1).float()             # [B, D]  sum of real tokens
+    count = weights.float().sum(dim=-1).clamp_min(1.0)                 # [B, 1]
     return summed / count                                              # [B, D]
 
 
