@@ -271,7 +271,11 @@ def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
         Expert.created_by,
     ).join(Group, Expert.group_id == Group.id)
     statement = _filtered(statement, **filters).order_by(Expert.name, Expert.version)
-    return [dict(row._mapping) for row in session.execute(statement)]
+    rows = [dict(row._mapping) for row in session.execute(statement)]
+    for row in rows:
+        if row["created_at"] is not None:
+            row["created_at"] = as_utc(row["created_at"])
+    return rows
 
 
 def get_expert(session: Session, ref: str | Ref) -> Expert:

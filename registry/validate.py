@@ -41,12 +41,13 @@ DTYPE_SIZES = {
     "C64": 8,
 }  # fmt: skip
 
-# (numpy view dtype, exponent mask): a value is NaN or Inf exactly when all its exponent bits are 1.
-_NONFINITE_MASKS: dict[str, tuple[str, int]] = {
-    "F16": ("<u2", 0x7C00),
-    "BF16": ("<u2", 0x7F80),
-    "F32": ("<u4", 0x7F800000),
-    "F64": ("<u8", 0x7FF0000000000000),
+# (unsigned view, sign-clearing mask, exponent mask): with the sign bit cleared, a value is NaN or
+# Inf exactly when its bits are >= the all-ones exponent, so one max() over a chunk decides.
+_NONFINITE_MASKS: dict[str, tuple[str, int, int]] = {
+    "F16": ("<u2", 0x7FFF, 0x7C00),
+    "BF16": ("<u2", 0x7FFF, 0x7F80),
+    "F32": ("<u4", 0x7FFFFFFF, 0x7F800000),
+    "F64": ("<u8", 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
 }
 
 # PEFT saves "base_model.model.<module>.lora_A.weight" (the adapter name is stripped)
@@ -207,6 +208,7 @@ class FiniteCheck:
         self.carry = b""  # bytes of an element split between two chunks
 
     def __call__(self, chunk: memoryview | bytes) -> None:
+        chunk = memoryview(chunk)
         chunk_start = self.offset
         chunk_end = chunk_start + len(chunk)
         self.offset = chunk_end
@@ -217,22 +219,34 @@ class FiniteCheck:
             lo = max(tensor.start, chunk_start)
             hi = min(tensor.end, chunk_end)
             if hi > lo:
-                self._check(tensor, bytes(self.carry) + bytes(chunk[lo - chunk_start : hi - chunk_start]))
+                self._check(tensor, chunk[lo - chunk_start : hi - chunk_start])
             if tensor.end > chunk_end:
                 return
             self.index += 1
             self.carry = b""
 
-    def _check(self, tensor: TensorInfo, data: bytes) -> None:
-        view_dtype, mask = _NONFINITE_MASKS[tensor.dtype]
-        width = np.dtype(view_dtype).itemsize
+    def _check(self, tensor: TensorInfo, data: memoryview) -> None:
+        view_dtype, abs_mask, exponent = _NONFINITE_MASKS[tensor.dtype]
+        width = int(view_dtype[-1])
+        if self.carry:  # finish the element split over the previous chunk
+            need = width - len(self.carry)
+            head = self.carry + bytes(data[:need])
+            if len(head) < width:
+                self.carry = head
+                return
+            self.carry = b""
+            self._scan(tensor, memoryview(head), view_dtype, abs_mask, exponent)
+            data = data[need:]
         whole = len(data) - len(data) % width
-        self.carry = data[whole:]
-        if not whole:
-            return
-        bits = np.frombuffer(data, dtype=view_dtype, count=whole // width)
-        exponent = np.bitwise_and(bits, np.array(mask, dtype=view_dtype))
-        if np.any(exponent == np.array(mask, dtype=view_dtype)):
+        if whole < len(data):
+            self.carry = bytes(data[whole:])
+        if whole:
+            self._scan(tensor, data[:whole], view_dtype, abs_mask, exponent)
+
+    def _scan(self, tensor: TensorInfo, data: memoryview, view_dtype: str, abs_mask: int, exponent: int) -> None:
+        bits = np.frombuffer(data, dtype=view_dtype)
+        magnitude = np.bitwise_and(bits, np.array(abs_mask, dtype=view_dtype))
+        if magnitude.max() >= exponent:
             raise _fail(self.label, f"tensor {tensor.name!r} contains NaN or Inf values")
 
     def finish(self) -> None:
