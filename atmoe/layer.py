@@ -50,17 +50,30 @@ class BlockRouting:
     """The mixing coefficients of one transformer block for the current forward pass.
 
     ``coefficients`` [B, 1, E+1] (sequence routing) or [B, T, E+1] (token routing), float32:
-    lambda * w_e for each expert, then (1 - lambda) for the general expert. The router hook sets
-    them before the block runs; the block's ``MixtureLoraLinear`` layers read scale rows from here.
+    lambda * w_e for each expert, then (1 - lambda) for the general expert. The router hook calls
+    ``set`` before the block runs; ``set`` computes at once the scale row of every distinct stack
+    among the block's layers (layers stacking the same experts share one), so that the layers only
+    read them: nothing routing-related is computed inside the block's own forward (which gradient
+    checkpointing may replay).
     """
 
     def __init__(self) -> None:
         self.coefficients: Tensor | None = None
+        self.layers: list[MixtureLoraLinear] = []
         self._rows: dict[tuple[int, torch.dtype], Tensor] = {}
+
+    def add_layer(self, layer: "MixtureLoraLinear") -> None:
+        self.layers.append(layer)
 
     def set(self, coefficients: Tensor) -> None:
         self.coefficients = coefficients
-        self._rows = {}
+        rows: dict[tuple[int, torch.dtype], Tensor] = {}
+        for layer in self.layers:
+            key = (layer.stack_id, layer.A_cat.dtype)
+            if key not in rows:
+                picked = coefficients.index_select(-1, layer.rank_column)           # [B, 1|T, R]
+                rows[key] = (picked * layer.rank_scale).to(layer.A_cat.dtype)        # [B, 1|T, R]
+        self._rows = rows
 
     def clear(self) -> None:
         self.coefficients = None
@@ -68,14 +81,9 @@ class BlockRouting:
 
     def scale_row(self, layer: "MixtureLoraLinear") -> Tensor:
         """lambda w_e s_e (or (1 - lambda) s_p) for each of the layer's rank rows: [B, 1|T, R]."""
-        if self.coefficients is None:
-            raise RuntimeError("a mixture layer ran outside its block: no routing weights were set")
-        key = (layer.stack_id, layer.A_cat.dtype)
-        row = self._rows.get(key)
+        row = self._rows.get((layer.stack_id, layer.A_cat.dtype))
         if row is None:
-            picked = self.coefficients.index_select(-1, layer.rank_column)       # [B, 1|T, R]
-            row = (picked * layer.rank_scale).to(layer.A_cat.dtype)             # [B, 1|T, R]
-            self._rows[key] = row
+            raise RuntimeError("a mixture layer ran outside its block: no routing weights were set")
         return row
 
 
@@ -125,6 +133,7 @@ class MixtureLoraLinear(nn.Module):
         signature = tuple((p.column, r, p.scale) for p, r in zip(pieces, ranks))
         self.stack_id = _STACK_IDS.setdefault(signature, len(_STACK_IDS))
         self.columns = sorted({p.column for p in pieces})
+        routing.add_layer(self)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         super()._apply(fn, recurse)

@@ -15,6 +15,7 @@ routes every token of every forward.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from contextlib import contextmanager
@@ -105,7 +106,8 @@ class AtMoEModel(nn.Module):
         self._hooks = [base_model.register_forward_pre_hook(self._capture_request, with_kwargs=True)]
         modules = dict(base_model.named_modules())
         for index, path in enumerate(block_paths):
-            hook = self._make_block_hook(index)
+            # a partial of a bound method, not a closure: copy.deepcopy(model) then hooks the copy
+            hook = functools.partial(self._block_hook, index)
             self._hooks.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
 
     # ------------------------------------------------------------------ the base model's surface
@@ -156,12 +158,9 @@ class AtMoEModel(nn.Module):
         self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
         self._decoding = _cache_length(arguments.get("past_key_values")) > 0
 
-    def _make_block_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._route(index, hidden)
-
-        return hook
+    def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._route(index, hidden)
 
     def _token_mask(self, hidden: Tensor) -> Tensor | None:
         """The captured attention mask's columns for these tokens [B, T], or None when it does not fit."""

@@ -195,6 +195,11 @@ def train_call(model, ids, params, optimizer=None):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        print("peft is not installed: PEFT and X-LoRA left out", file=sys.stderr)
+        args.skip_peft = args.skip_xlora = True
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
     torch.set_num_threads(args.threads) if args.device == "cpu" else None
@@ -276,11 +281,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _versions() -> dict[str, str]:
-    import peft
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": getattr(peft, "__version__", "absent"), "python": platform.python_version()}
 
 
 def print_table(report: dict) -> None:

@@ -251,3 +251,32 @@ def test_router_input_accepts_positional_calls_and_bert(llama, experts):
     assert composed.block_paths == ["encoder.layer.0", "encoder.layer.1"]
     composed(input_ids=IDS, attention_mask=mask)
     assert composed.last_routing()[0]["experts"] == {"q": 1.0}
+
+
+def test_deepcopy_routes_the_copy(llama, experts):
+    model = compose(llama, experts)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in twin.router_parameters():
+            param.normal_(generator=torch.Generator().manual_seed(2))
+    twin(input_ids=IDS)
+    model(input_ids=IDS[:1])
+    assert len(twin._last[0][1]) == 2 and len(model._last[0][1]) == 1   # each routes its own input
+    assert twin.last_routing() != model.last_routing()
+
+
+def test_gradient_checkpointing_gives_the_same_router_gradients(llama, experts):
+    grads = []
+    for checkpointing in (False, True):
+        model = compose(llama, experts)
+        with torch.no_grad():
+            for param in model.router_parameters():
+                param.normal_(generator=torch.Generator().manual_seed(4))
+        freeze_all_but_routers(model)
+        if checkpointing:
+            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append([p.grad.clone() for p in model.router_parameters()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
