@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from atmoe.cli.app import get_registry, main
 
-from atmoe.cli import compositions, db, experts, routers  # noqa: E402,F401  (registers the commands)
+from atmoe.cli import compositions, db, experts, routers, transfer  # noqa: E402,F401  (registers the commands)
 
 __all__ = ["get_registry", "main"]
