@@ -120,17 +120,17 @@ def alias(router_ref: str, alias: str) -> None:
     output.message(f"{alias} -> {record['ref']}")
 
 
-def _routing_out(document: dict, expert_groups: dict[str, str], as_json: bool, plot: str | None, title: str) -> None:
+def _routing_out(document: dict, expert_groups: dict[str, str], as_json: bool, plot: str | None, label: str,
+                 prompt: str) -> None:
     from atmoe.report import heatmap_png, routing_table
 
+    blocks = [{"groups": b["groups"], "experts": b["experts"]} for b in document["blocks"]]
     if plot:
-        blocks = [{"groups": b["groups"], "experts": b["experts"]} for b in document["blocks"]]
-        heatmap_png({title: blocks}, plot, title=title)
+        heatmap_png({prompt: blocks}, plot, title=label)
     if as_json:
         output.print_json(document)
         return
-    blocks = [{"groups": b["groups"], "experts": b["experts"]} for b in document["blocks"]]
-    output.stdout_console().print(routing_table(blocks, expert_groups, title=title))
+    output.stdout_console().print(routing_table(blocks, expert_groups, title=f"{label}: {prompt}"))
     summary = document["summary"]
     top = max(summary["experts"], key=summary["experts"].get)
     output.message(f"mean over {len(blocks)} blocks: top group {max(summary['groups'], key=summary['groups'].get)}, "
@@ -156,7 +156,7 @@ def route(ref, prompt, router, force, base_model, plot, as_json) -> None:
     document = route_prompt(built.model, built.tokenizer, prompt, force=weights)
     document["lineage"] = built.lineage()
     label = "forced" if weights else (built.router or f"{built.composition} (untrained router)")
-    _routing_out(document, built.model.expert_groups, as_json, plot, f"{label}: {prompt}")
+    _routing_out(document, built.model.expert_groups, as_json, plot, label, prompt)
 
 
 @main.command("generate")

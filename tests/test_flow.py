@@ -136,7 +136,9 @@ def test_train_route_force_generate_and_lineage(workspace, composed, atmoe_home)
     summary = routed["summary"]["experts"]
     assert summary["fa"] > summary["fb"] and summary["db"] > summary["da"]
 
-    forced = json.loads(run("route", "medqa", "fa db sa x1 x2", "--force", "fb=1", "--json"))
+    png = atmoe_home.parent / "route.png"
+    forced = json.loads(run("route", "medqa", "fa db sa x1 x2", "--force", "fb=1", "--json", "--plot", str(png)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(b["experts"]["fb"] == 1.0 and b["experts"]["fa"] == 0.0 for b in forced["blocks"])
     generated = json.loads(run("generate", "medqa:prod", "fa db sa x1 x2", "--max-new-tokens", "3", "--json"))
     assert generated["lineage"]["router"] == "medqa@1:2" and isinstance(generated["answer"], str)
