@@ -13,6 +13,8 @@ A thin class: each method delegates to a service module (``experts``, later ``co
 from __future__ import annotations
 
 import os
+import random
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,11 +104,12 @@ class Registry:
                 session.rollback()
                 raise
 
-    def transact(self, work: Callable[[Session], T], *, attempts: int = 5) -> T:
+    def transact(self, work: Callable[[Session], T], *, attempts: int = 10) -> T:
         """Run ``work(session)`` in a write transaction, retrying on IntegrityError.
 
         Version and router numbers are allocated as max + 1 under unique constraints; on
-        PostgreSQL two writers may pick the same number, and the loser simply tries again.
+        PostgreSQL two writers may pick the same number, and the loser simply tries again, after a
+        short random pause so that several losers do not collide again in lockstep.
         """
         for attempt in range(1, attempts + 1):
             try:
@@ -115,6 +118,7 @@ class Registry:
             except IntegrityError:
                 if attempt == attempts:
                     raise
+                time.sleep(random.uniform(0, 0.005 * attempt))
         raise AssertionError("unreachable")
 
     # -- schema ----------------------------------------------------------------------------------
