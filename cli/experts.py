@@ -105,12 +105,12 @@ def list_command(
             [
                 f"{r['name']}@{r['version']}",
                 r["group"],
-                r["domain"],
-                r["style"],
-                r["tags"],
-                r["base_model"],
-                r["r"],
-                output.short_digest(r["digest"]),
+                r["domain"] or "",
+                r["style"] or "",
+                ",".join(f"{k}={v}" for k, v in r["tags"].items()) if r["tags"] else "",
+                r["base_model"] or "",
+                str(r["r"]),
+                r["digest"][: output.DIGEST_CHARS],
                 output.human_size(r["size"]),
             ]
             for r in rows

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, delete, func, or_, select
+from sqlalchemy import Select, Text, cast, delete, func, or_, select
 from sqlalchemy.orm import Session, lazyload, selectinload
 
 from atmoe.errors import ChecksumMismatch, ExpertNotFound, GroupNotFound, InUse, InvalidAdapter, UsageError
@@ -253,14 +253,18 @@ SUMMARY_COLUMNS = (
 
 
 def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
-    """Plain rows for listings (no ORM objects, so 100,000 experts list in well under a second)."""
+    """Plain rows for listings (no ORM objects, so 100,000 experts list in well under a second).
+
+    Filters as in ``list_experts``. Tags come back as text and are decoded once per distinct
+    value (teams reuse a few tag sets), each row getting its own dict.
+    """
     statement = select(
         Expert.name,
         Expert.version,
         Group.name.label("group"),
         Expert.domain,
         Expert.style,
-        Expert.tags,
+        cast(Expert.tags, Text).label("tags"),
         Expert.base_model,
         Expert.r,
         Expert.alpha,
@@ -271,11 +275,36 @@ def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
         Expert.created_by,
     ).join(Group, Expert.group_id == Group.id)
     statement = _filtered(statement, **filters).order_by(Expert.name, Expert.version)
-    rows = [dict(row._mapping) for row in session.execute(statement)]
-    for row in rows:
-        if row["created_at"] is not None:
-            row["created_at"] = as_utc(row["created_at"])
-    return rows
+    result = session.connection().execute(statement)  # Core rows: no ORM bookkeeping per row
+    decoded: dict[str, dict[str, Any]] = {}
+
+    def tags_of(raw: str | None) -> dict[str, Any]:
+        tags = decoded.get(raw or "{}")
+        if tags is None:
+            tags = decoded[raw or "{}"] = json.loads(raw or "{}")
+        return dict(tags)
+
+    utc = timezone.utc
+    return [
+        {
+            "name": name,
+            "version": version,
+            "group": group,
+            "domain": domain,
+            "style": style,
+            "tags": tags_of(tags),
+            "base_model": base_model,
+            "r": r,
+            "alpha": alpha,
+            "use_rslora": use_rslora,
+            "digest": digest,
+            "size": size,
+            "created_at": created_at.replace(tzinfo=utc) if created_at is not None and created_at.tzinfo is None else created_at,
+            "created_by": created_by,
+        }
+        for (name, version, group, domain, style, tags, base_model, r, alpha, use_rslora, digest, size, created_at, created_by)
+        in result.all()
+    ]
 
 
 def get_expert(session: Session, ref: str | Ref) -> Expert:
