@@ -16,7 +16,8 @@ import ctypes.util
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -304,25 +305,52 @@ def alembic_config(connection: Connection | None = None) -> Any:
     return config
 
 
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection for migrations, in one transaction that holds the write lock.
+
+    On SQLite, foreign keys are switched off first (the pragma is ignored inside a transaction):
+    batch migrations copy a table and DROP the old one, and with foreign keys on, that DROP would
+    cascade-delete the rows that reference it. ``PRAGMA foreign_key_check`` runs before commit.
+    """
+    with write_engine(engine).connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        driver = connection.connection.driver_connection if sqlite else None
+        if driver is not None:
+            driver.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_UPGRADE_LOCK})
+                yield connection
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise SchemaMismatch(
+                            f"migration left {len(broken)} rows with broken foreign keys "
+                            f"(first in table {broken[0][0]}); nothing was changed"
+                        )
+        finally:
+            if driver is not None:
+                driver.execute("PRAGMA foreign_keys=ON")
+
+
 def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str | None]:
     """Upgrade the schema to ``target`` in one transaction; returns (before, after)."""
     from alembic import command
 
-    with write_engine(engine).connect() as connection:
-        with connection.begin():
-            if connection.dialect.name == "postgresql":
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_UPGRADE_LOCK})
-            before = current_revision(connection)
-            if before is not None and before not in KNOWN_REVISIONS:
-                raise _unknown(before)
-            if before is None and _has_registry_tables(connection):
-                raise SchemaMismatch(
-                    "database has registry tables but no schema revision; it was not made by atmoe-reg"
-                )
-            if before == HEAD and target == "head":
-                return before, before
-            command.upgrade(alembic_config(connection), target)
-            after = current_revision(connection)
+    with _migrating(engine) as connection:
+        before = current_revision(connection)
+        if before is not None and before not in KNOWN_REVISIONS:
+            raise _unknown(before)
+        if before is None and _has_registry_tables(connection):
+            raise SchemaMismatch(
+                "database has registry tables but no schema revision; it was not made by atmoe-reg"
+            )
+        if before == HEAD and target == "head":
+            return before, before
+        command.upgrade(alembic_config(connection), target)
+        after = current_revision(connection)
     return before, after
 
 
@@ -330,9 +358,8 @@ def downgrade(engine: Engine, target: str) -> tuple[str | None, str | None]:
     """Downgrade the schema (tests and recovery only)."""
     from alembic import command
 
-    with write_engine(engine).connect() as connection:
-        with connection.begin():
-            before = current_revision(connection)
-            command.downgrade(alembic_config(connection), target)
-            after = current_revision(connection)
+    with _migrating(engine) as connection:
+        before = current_revision(connection)
+        command.downgrade(alembic_config(connection), target)
+        after = current_revision(connection)
     return before, after

@@ -171,6 +171,24 @@ def test_sqlite_writes_take_the_lock_at_begin(sqlite_only: None, atmoe_home: Pat
             other.close()
 
 
+def test_sqlite_migrations_run_with_foreign_keys_off(sqlite_only: None, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch migrations DROP and recreate tables; with foreign keys on, that would cascade-delete."""
+    from alembic import command
+
+    real_upgrade = command.upgrade
+    seen: list[int] = []
+
+    def spy(config: Any, target: str) -> None:
+        seen.append(config.attributes["connection"].exec_driver_sql("PRAGMA foreign_keys").scalar())
+        real_upgrade(config, target)
+
+    monkeypatch.setattr(command, "upgrade", spy)
+    db.upgrade(engine)
+    assert seen == [0]
+    with engine.connect() as connection:  # the pooled connection has them back on
+        assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
 def test_foreign_keys_are_enforced(sqlite_only: None) -> None:
     from sqlalchemy.exc import IntegrityError
 
