@@ -56,6 +56,18 @@ def current_user() -> str | None:
         return None
 
 
+def canonical_base_model(reference: str | None) -> str | None:
+    """A base-model reference as the catalog keeps it: a relative path that exists here becomes
+    absolute (PEFT records the path the model was loaded from, relative to that process's cwd),
+    so that building later, from any directory, finds the same model; hub ids stay as they are."""
+    if not reference:
+        return reference
+    path = Path(reference).expanduser()
+    if not path.is_absolute() and path.exists():
+        return str(path.resolve())
+    return reference
+
+
 def parse_tags(items: Iterable[str]) -> dict[str, str]:
     """``["team=gi", "stage=prod"]`` -> ``{"team": "gi", "stage": "prod"}``."""
     tags: dict[str, str] = {}
@@ -166,7 +178,7 @@ def add_expert(
             style=style,
             tags=clean_tags,
             description=description,
-            base_model=base_model or info.base_model_name_or_path,
+            base_model=canonical_base_model(base_model or info.base_model_name_or_path),
             base_revision=base_revision or info.revision,
             peft_type=info.peft_type,
             r=info.r,
@@ -209,7 +221,7 @@ def _filtered(
     if style is not None:
         statement = statement.where(Expert.style == style)
     if base_model is not None:
-        statement = statement.where(Expert.base_model == base_model)
+        statement = statement.where(Expert.base_model == canonical_base_model(base_model))
     if name is not None:
         statement = statement.where(Expert.name == name)
     if tag:

@@ -147,6 +147,20 @@ def test_base_model_from_the_adapter_config(adapter_copy: Callable[[str], Path])
     assert rows == {"g": ("org/tiny-llama", "abc123"), "h": ("local/llama", "r2")}
 
 
+def test_relative_base_model_path_is_recorded_absolute(
+    adapter_copy: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = adapter_copy("gastro")
+    config = json.loads((root / "adapter_config.json").read_text())
+    config.update(base_model_name_or_path="models/base")  # PEFT records the path as it was loaded
+    (root / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    ok("add-expert", root, "--name", "g", "--group", "domain")
+    assert [e.base_model for e in expert_rows()] == [str(tmp_path / "models" / "base")]
+    assert [e["name"] for e in list_json("--base-model", "models/base")] == ["g"]
+
+
 def test_identical_content_makes_no_new_version(adapters: dict[str, Path], snapshot: Callable[[], Any]) -> None:
     add(adapters, "gastro", "gastro", "domain")
     before = snapshot()
