@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from atmoe.routing import expert_weights, flat_weights, group_totals, grouped_weights, pool_hidden
 
-settings.register_profile("atmoe-routing", max_examples=60, deadline=None)
-settings.load_profile("atmoe-routing")
+# per test, not a global profile: other test modules keep their own hypothesis settings
+quick = settings(max_examples=60, deadline=None)
 
 
 @st.composite
@@ -35,6 +35,7 @@ def compositions(draw):
 temperatures = st.floats(0.05, 50.0)
 
 
+@quick
 @given(compositions(), temperatures)
 def test_expert_weights_are_a_distribution(comp, temperature):
     group_logits, inside_logits, slot_mask, expert_group, expert_slot = comp
@@ -48,6 +49,7 @@ def test_expert_weights_are_a_distribution(comp, temperature):
     torch.testing.assert_close(group_totals(weights, expert_group, slot_mask.shape[0]), group_w, atol=1e-5, rtol=0)
 
 
+@quick
 @given(compositions(), temperatures)
 def test_padding_slots_get_exactly_zero(comp, temperature):
     group_logits, inside_logits, slot_mask, _, _ = comp
@@ -56,6 +58,7 @@ def test_padding_slots_get_exactly_zero(comp, temperature):
     torch.testing.assert_close(inside_w.sum(-1), torch.ones(inside_w.shape[:-1]), atol=1e-5, rtol=0)
 
 
+@quick
 @given(compositions())
 def test_temperature_near_zero_is_argmax(comp):
     group_logits, inside_logits, slot_mask, expert_group, expert_slot = comp
@@ -72,6 +75,7 @@ def test_temperature_near_zero_is_argmax(comp):
         torch.testing.assert_close(weights[row], expected, atol=1e-4, rtol=0)
 
 
+@quick
 @given(compositions())
 def test_large_temperature_is_even_over_real_experts(comp):
     group_logits, inside_logits, slot_mask, expert_group, expert_slot = comp
@@ -82,6 +86,7 @@ def test_large_temperature_is_even_over_real_experts(comp):
     torch.testing.assert_close(weights, expected.expand_as(weights), atol=1e-4, rtol=0)
 
 
+@quick
 @given(st.integers(1, 8), st.integers(1, 3), st.integers(0, 2**31 - 1), temperatures)
 def test_flat_weights_are_a_distribution(n_experts, batch, seed, temperature):
     logits = torch.randn(batch, n_experts, generator=torch.Generator().manual_seed(seed)) * 5
@@ -104,6 +109,7 @@ def test_token_shaped_logits_keep_their_shape():
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 5))
 
 
+@quick
 @given(st.integers(1, 3), st.integers(1, 6), st.integers(0, 2**31 - 1))
 def test_pool_hidden_ignores_padding(batch, tokens, seed):
     generator = torch.Generator().manual_seed(seed)
