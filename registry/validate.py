@@ -136,7 +136,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         raise _fail(label, f"cannot be read ({error.strerror or error})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise _fail(label, "corrupt: the safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _fail(label, "corrupt: the safetensors header is not a JSON object")
@@ -283,6 +283,8 @@ def _read_config(path: Path) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise _fail(CONFIG_FILE, f"is not valid JSON (line {error.lineno}: {error.msg})") from None
+    except RecursionError:
+        raise _fail(CONFIG_FILE, "is not valid JSON (nested too deeply)") from None
     if not isinstance(config, dict):
         raise _fail(CONFIG_FILE, "is not a JSON object")
     return config
@@ -305,8 +307,8 @@ def _pattern(config: dict[str, Any], key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(CONFIG_FILE, f"{key} must be an object mapping module patterns to values")
     for pattern in value:
-        try:
-            re.compile(pattern)
+        try:  # as pattern_key uses it: "(?i)" alone compiles, but not inside the suffix pattern
+            re.compile(rf"(.*\.)?({pattern})$")
         except re.error:
             raise _fail(CONFIG_FILE, f"{key} has an invalid pattern {pattern!r}") from None
     return value
