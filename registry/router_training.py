@@ -13,7 +13,7 @@ from pathlib import Path
 from atmoe.registry.build import Built, router_bytes
 from atmoe.registry.compositions import get_composition
 from atmoe.registry.names import parse_ref
-from atmoe.registry.routers import record_router, router_record, set_alias
+from atmoe.registry.routers import record_router, resolve_router, router_record, set_alias
 
 
 @dataclass
@@ -53,10 +53,14 @@ def train_and_record(
     evaluation = read_examples(eval_data) if eval_data else None
     train_digest = data_digest(data)
     eval_digest = data_digest(eval_data) if eval_data else None
-    built = registry.build(ref, router=parsed.router is not None, base_model=base_model)
-    check_intents(train, built.model.expert_names)
+    # intents are checked against the pinned experts before any model is built
+    with registry.session() as session:
+        composition, _ = resolve_router(session, parsed, required=False)
+        experts = [member.expert.name for member in composition.members]
+    check_intents(train, experts)
     if evaluation:
-        check_intents(evaluation, built.model.expert_names)
+        check_intents(evaluation, experts)
+    built = registry.build(ref, router=parsed.router is not None, base_model=base_model)
     result = train_router(built.model, built.tokenizer, train, evaluation, config, progress=progress, console=console)
     blob = registry.store.put_bytes(router_bytes(built.model, metadata={"composition": built.composition}))
     hyperparameters = config.as_dict()
