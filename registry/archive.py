@@ -47,7 +47,7 @@ from atmoe.errors import ChecksumMismatch, ExpertNotFound, InvalidAdapter, Inval
 from atmoe.registry.names import parse_ref, validate_name
 
 if TYPE_CHECKING:
-    from atmoe.registry.models import Composition, Expert, Router
+    from atmoe.registry.models import Composition, Expert
     from atmoe.registry.registry import Registry
 
 FORMAT = "atmoe-archive"
@@ -730,7 +730,7 @@ def _insert(
     from atmoe.registry import compositions as composition_service
     from atmoe.registry.db import next_value
     from atmoe.registry.experts import current_user
-    from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertFile, Group, Router, RouterAlias
+    from atmoe.registry.models import Expert, ExpertFile, Group, Router, RouterAlias
 
     group_rows = {g.name: g for g in session.scalars(select(Group))}
     for name, description in groups.items():
@@ -796,43 +796,16 @@ def _insert(
             router=options.get("router", "grouped"),
             shared_router=bool(options.get("shared_router", False)),
             static_inside=bool(options.get("static_inside", False)),
+            description=row.get("description"),
         )
-        digest = composition_service.spec_digest(spec, members, general, row["lam"])
-        composition = session.scalar(
-            select(Composition).where(Composition.name == row["name"], Composition.spec_digest == digest)
+        composition, created = composition_service.pin(
+            session, spec, members, general, row["lam"],
+            created_by=row.get("created_by") or current_user(), created_at=row.get("created_at"),
         )
-        if composition is not None:
-            report.compositions_existing.append(f"{label} -> {composition.ref}")
-        else:
-            composition = Composition(
-                name=row["name"],
-                version=next_value(session, Composition.version, Composition.name == row["name"]),
-                base_model=row.get("base_model"),
-                base_revision=row.get("base_revision"),
-                groups=list(row["groups"]),
-                n_groups=len(row["groups"]),
-                n_max=max(len(es) for es in members.values()),
-                lam=row["lam"],
-                learn_lambda=row["learn_lambda"],
-                temperature=row["temperature"],
-                routing=row["routing"],
-                options=options,
-                general_expert=general,
-                spec_digest=digest,
-                description=row.get("description"),
-                created_by=row.get("created_by") or current_user(),
-            )
-            if row.get("created_at") is not None:
-                composition.created_at = row["created_at"]
-            for group_index, (group, group_experts) in enumerate(members.items()):
-                for slot, expert in enumerate(group_experts):
-                    composition.members.append(
-                        CompositionExpert(expert=expert, group_name=group, group_index=group_index, slot=slot,
-                                          digest=expert.digest)
-                    )
-            session.add(composition)
-            session.flush()
+        if created:
             report.compositions_added.append(f"{label} -> {composition.ref}")
+        else:
+            report.compositions_existing.append(f"{label} -> {composition.ref}")
         for router_row in sorted(row.get("routers", []), key=lambda r: r["number"]):
             router_label = f"{label}:{router_row['number']}"
             router = session.scalar(

@@ -131,12 +131,27 @@ def _options(spec: ComposeSpec) -> dict:
 
 def compose(session: Session, spec: ComposeSpec, *, created_by: str | None = None) -> tuple[Composition, bool]:
     """Record (or find) the composition version of ``spec`` in ``session``; returns (row, created)."""
-    from atmoe.registry.db import next_value
-
     members, general = plan_members(session, spec)
     lam = spec.lam if spec.lam is not None else (0.5 if general is not None else 1.0)
     if general is None and spec.lam not in (None, 1.0):
         raise InvalidComposition("--lambda below 1 needs a --general expert to blend with")
+    return pin(session, spec, members, general, lam, created_by=created_by)
+
+
+def pin(
+    session: Session,
+    spec: ComposeSpec,
+    members: dict[str, list[Expert]],
+    general: Expert | None,
+    lam: float,
+    *,
+    created_by: str | None = None,
+    created_at=None,
+) -> tuple[Composition, bool]:
+    """The composition version pinning ``members`` (group -> experts in slot order) under ``spec``:
+    the existing one with the same spec digest, else the next version. Shared by compose and import."""
+    from atmoe.registry.db import next_value
+
     digest = spec_digest(spec, members, general, lam)
     existing = session.scalars(
         select(Composition).where(Composition.name == spec.name, Composition.spec_digest == digest)
@@ -162,6 +177,8 @@ def compose(session: Session, spec: ComposeSpec, *, created_by: str | None = Non
         description=spec.description,
         created_by=created_by,
     )
+    if created_at is not None:
+        composition.created_at = created_at
     for group_index, (group, experts) in enumerate(members.items()):
         for slot, expert in enumerate(experts):
             composition.members.append(

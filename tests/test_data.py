@@ -47,7 +47,7 @@ def test_malformed_line_names_its_number(tmp_path, line, fragment):
     with pytest.raises(DataError) as info:
         read_examples(path)
     message = str(info.value)
-    assert f"bad.jsonl:3:" in message and fragment in message
+    assert "bad.jsonl:3:" in message and fragment in message
     assert "\n" not in message
 
 
