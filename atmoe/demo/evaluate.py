@@ -1,0 +1,173 @@
+"""Held-out evaluation: response-token loss and exact match by greedy decoding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from atmoe.demo.batching import collate, collate_prompts
+
+
+@torch.no_grad()
+def eval_loss(model, tokenizer, examples: list[dict], *, batch_size: int = 128) -> float:
+    """Mean cross-entropy per response token (and <eos>) over ``examples``."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(tokenizer, examples[i:i + batch_size])
+        prompt_mask = batch.pop("prompt_mask")
+        labels = batch.pop("labels")
+        if hasattr(model, "last_routing_tensors"):
+            # an AtMoEModel routes on the prompt only, as at inference (never on the answer)
+            batch["routing_mask"] = prompt_mask
+        logits = model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                 target.reshape(-1), ignore_index=-100,
+                                                 reduction="sum")
+        total += loss.item()
+        count += int((target != -100).sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, examples: list[dict], *, batch_size: int = 128,
+           max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers (text up to <eos>) for the prompts of ``examples``."""
+    model.eval()
+    answers: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate_prompts(tokenizer, examples[i:i + batch_size])
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for row in out[:, batch["input_ids"].shape[1]:]:
+            ids = row.tolist()
+            if tokenizer.eos_token_id in ids:
+                ids = ids[:ids.index(tokenizer.eos_token_id)]
+            answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return answers
+
+
+def exact_match(answers: list[str], examples: list[dict]) -> float:
+    return sum(a.split() == ex["response"].split() for a, ex in zip(answers, examples)) / max(len(examples), 1)
+
+
+def evaluate(model, tokenizer, examples: list[dict], *, batch_size: int = 128) -> dict:
+    """{"eval_loss", "accuracy"} on ``examples``; both finite floats."""
+    loss = eval_loss(model, tokenizer, examples, batch_size=batch_size)
+    answers = greedy(model, tokenizer, examples, batch_size=batch_size,
+                     max_new_tokens=max(len(ex["response"].split()) for ex in examples) + 2)
+    return {"eval_loss": loss if math.isfinite(loss) else float("nan"),
+            "accuracy": exact_match(answers, examples), "samples": answers[:3]}
+
+
+def _peft_alone(base, adapter_dir):
+    """The base model with one adapter through PEFT itself (a deep copy of ``base``)."""
+    import copy
+
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
+
+
+def evaluate_methods(base_ref: str, expert_dirs: dict, trained: dict, tokenizer, splits, *, console=None
+                     ) -> tuple[dict[str, dict], dict]:
+    """Every method of the report on the held-out composite set ``splits.test``.
+
+    The best single expert is chosen by eval loss on the validation split (``router_eval``), never on
+    the test set. Returns ({method: {"eval_loss", "accuracy", "samples"}}, extra details).
+    """
+    from atmoe.loading import load_base_model
+    from atmoe.demo.progress import progress_bar
+
+    base, _ = load_base_model(base_ref)
+    singles = [n for n in expert_dirs if n != "general"]
+    results: dict[str, dict] = {}
+    extra: dict = {}
+    with progress_bar("evaluate methods", 6 + len(singles)) as advance:
+        results["base"] = evaluate(base, tokenizer, splits.test)
+        advance()
+        validation = {}
+        for name in singles:
+            validation[name] = eval_loss(_peft_alone(base, expert_dirs[name]), tokenizer, splits.router_eval)
+            advance()
+        best = min(validation, key=validation.get)
+        results["best_single_expert"] = evaluate(_peft_alone(base, expert_dirs[best]), tokenizer, splits.test)
+        extra["best_single_expert"] = {"expert": best, "validation_eval_loss": validation,
+                                       "chosen_on": "router_eval (validation), not test"}
+        advance()
+        results["general_only"] = evaluate(_peft_alone(base, expert_dirs["general"]), tokenizer, splits.test)
+        extra["general_only"] = {"how": "the general adapter alone through PEFT (lambda = 0)"}
+        advance()
+        model = trained["atmoe"]
+        uniform = {name: 1.0 / len(model.expert_names) for name in model.expert_names}
+        with model.forced_routing(uniform):
+            results["uniform_mixture"] = evaluate(model, tokenizer, splits.test)
+        extra["uniform_mixture"] = {"how": "the AT-MoE composition with forced weights 1/E on every expert; "
+                                           f"lambda {model.atmoe_config.lam} and the general expert as composed"}
+        advance()
+        for method in ("flat_router", "shared_router", "atmoe"):
+            results[method] = evaluate(trained[method], tokenizer, splits.test)
+            advance()
+    for method, r in results.items():
+        extra.setdefault(method, {})["samples"] = r.pop("samples")
+    return results, extra
+
+
+def _examples(items: list[dict]):
+    from atmoe.data import parse_example
+
+    return [parse_example(ex) for ex in items]
+
+
+def routing_accuracy(model, tokenizer, examples: list[dict]) -> float:
+    """Share of ``examples`` whose top expert in every group (weights averaged over blocks) is the
+    intended one; computed by ``atmoe.training.evaluate`` on the prompt-pooled routing."""
+    from atmoe.training import evaluate as toolkit_evaluate
+
+    metrics = toolkit_evaluate(model, tokenizer, _examples(examples), batch_size=64, max_length=128)
+    return float(metrics["routing_accuracy"])
+
+
+def temperature_sweep(model, tokenizer, examples: list[dict], temperatures, *, trained_temperature: float,
+                      console=None) -> list[dict]:
+    """The trained AT-MoE routers evaluated at other softmax temperatures (not re-trained)."""
+    from atmoe.demo.progress import progress_bar
+
+    rows = []
+    try:
+        with progress_bar("temperature sweep", len(temperatures)) as advance:
+            for tau in temperatures:
+                model.set_temperature(tau)
+                r = evaluate(model, tokenizer, examples)
+                rows.append({"temperature": tau, "eval_loss": r["eval_loss"], "accuracy": r["accuracy"],
+                             "routing_accuracy": routing_accuracy(model, tokenizer, examples)})
+                advance()
+    finally:
+        model.set_temperature(trained_temperature)
+    return rows
+
+
+def heatmap_examples(test: list[dict], suite, count: int = 3) -> list[dict]:
+    """A few held-out examples with different intents (one per functional intent first)."""
+    chosen, seen = [], set()
+    for ex in test:
+        key = ex["intents"][0]
+        if key not in seen and len(ex["prompt"].split()) <= 10:
+            chosen.append(ex)
+            seen.add(key)
+        if len(chosen) == count:
+            break
+    return chosen or test[:count]
+
+
+@torch.no_grad()
+def example_routings(model, tokenizer, examples: list[dict]) -> list[tuple[list[dict], str]]:
+    """(per-block routing, greedy answer) of each example's prompt, run alone."""
+    out = []
+    for ex in examples:
+        answer = greedy(model, tokenizer, [ex], max_new_tokens=len(ex["response"].split()) + 2)[0]
+        out.append((model.last_routing(), answer))
+    return out

@@ -1,0 +1,329 @@
+"""The end-to-end demo: base model, experts, registry, compositions, routers, evaluation, report.
+
+Every step goes through the toolkit's public surface (PEFT for the experts, ``Registry`` for
+add-expert / compose / train-router / build) and prints the ``atmoe-reg`` command that does the same
+step by hand. Methods compared on held-out composite instructions:
+
+- ``base``: the base model alone;
+- ``best_single_expert``: one expert alone through PEFT, chosen on the validation split (never test);
+- ``general_only``: the pre-merged general expert alone through PEFT (lambda = 0);
+- ``uniform_mixture``: the AT-MoE composition with forced equal weights 1/E on every expert
+  (lambda and the general expert as in the composition): what routing adds over no routing;
+- ``flat_router``: the same experts with one flat softmax over all experts per block;
+- ``shared_router``: the grouped router, one for all blocks;
+- ``atmoe``: grouped routers, one per block (the paper's design).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shlex
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from atmoe.demo import tasks
+from atmoe.demo.base import BaseSpec
+from atmoe.demo.experts import ExpertSpec
+from atmoe.demo.progress import console
+
+METHODS = ("base", "best_single_expert", "general_only", "uniform_mixture", "flat_router",
+           "shared_router", "atmoe")
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes and budgets of one demo run (``--quick`` or the default)."""
+
+    name: str
+    suite: tasks.SuiteSpec
+    base: BaseSpec
+    expert: ExpertSpec
+    general_steps: int = field(metadata={"help": "optimizer steps of the general expert (all data)"})
+    n_expert: int = 600
+    n_router: int = 480
+    n_router_eval: int = 96
+    n_test: int = 240
+    router_epochs: int = 4
+    router_lr: float = 2e-2
+    router_batch: int = 32
+    routing_loss_weight: float = 0.5
+    lam: float = 0.5
+    seed: int = 0
+
+
+QUICK = Profile(
+    name="quick", suite=tasks.QUICK_SUITE,
+    base=BaseSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, pretrain_steps=1000,
+                  batch_size=64, lr=3e-3),
+    expert=ExpertSpec(r=8, alpha=16, steps=200, batch_size=32, lr=3e-3),
+    general_steps=500, n_expert=600, n_router=480, n_router_eval=96, n_test=240, router_epochs=4)
+
+DEFAULT = Profile(
+    name="default", suite=tasks.DEFAULT_SUITE,
+    base=BaseSpec(hidden_size=96, intermediate_size=192, num_layers=4, num_heads=4, pretrain_steps=2000,
+                  batch_size=64, lr=3e-3),
+    expert=ExpertSpec(r=8, alpha=16, steps=400, batch_size=32, lr=3e-3),
+    general_steps=1200, n_expert=1000, n_router=1080, n_router_eval=180, n_test=540, router_epochs=5)
+
+
+def real_model_profile(profile: Profile) -> Profile:
+    """A real base model (hundreds of millions of weights) on a CPU: fewer, smaller steps."""
+    return replace(profile, expert=replace(profile.expert, steps=min(profile.expert.steps, 60), batch_size=8),
+                   general_steps=min(profile.general_steps, 120), n_router=min(profile.n_router, 96),
+                   n_router_eval=min(profile.n_router_eval, 24), n_test=min(profile.n_test, 48),
+                   router_epochs=1, router_batch=8)
+
+
+class Steps:
+    """Records each step's time and its equivalent command line, printing both."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.records: list[dict] = []
+
+    def command(self, *argv: str) -> str:
+        line = "atmoe-reg --home " + shlex.quote(str(self.home)) + " " + " ".join(shlex.quote(a) for a in argv)
+        console.print(f"[dim]$ {line}[/]", highlight=False, soft_wrap=True)
+        return line
+
+    def note(self, text: str) -> None:
+        console.print(f"[dim]# {text}[/]", highlight=False, soft_wrap=True)
+
+    def timed(self, name: str, started: float, **extra) -> None:
+        self.records.append({"step": name, "seconds": round(time.perf_counter() - started, 2), **extra})
+
+
+def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_model: str | None = None,
+             seed: int = 0) -> dict:
+    """Run the whole demo; write OUT/report.json, OUT/report.md and OUT/routing_heatmap.png."""
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    started_all = time.perf_counter()
+    profile = QUICK if quick else DEFAULT
+    if base_model:
+        profile = real_model_profile(profile)
+    profile = replace(profile, seed=seed)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    home = Path(home).resolve() if home else Path(tempfile.mkdtemp(prefix="atmoe-demo-home-"))
+    steps = Steps(home)
+    console.rule(f"atmoe-reg demo ({profile.name} profile)")
+    steps.note(f"registry home (SQLite + blob store): {home}; outputs: {out}")
+
+    # 1. the task suite ------------------------------------------------------------------------
+    t = time.perf_counter()
+    splits = tasks.build_splits(profile.suite, n_expert=profile.n_expert, n_router=profile.n_router,
+                                n_router_eval=profile.n_router_eval, n_test=profile.n_test, seed=seed)
+    files = _write_data(work / "data", splits)
+    steps.note(f"task suite: groups {dict(profile.suite.groups)}; N_M={profile.suite.n_max}; "
+               f"{len(splits.router_train)} composite training, {len(splits.test)} held-out composite instructions")
+    steps.timed("task suite", t)
+
+    # 2. the base model ------------------------------------------------------------------------
+    t = time.perf_counter()
+    base_info: dict
+    if base_model:
+        from atmoe.loading import model_reference
+
+        base_ref = model_reference(base_model)
+        base_info = {"reference": base_ref, "pretrained_here": False}
+        steps.note(f"base model: {base_ref} (used as given, no pre-training)")
+    else:
+        from atmoe.demo.base import make_base
+
+        base_dir = work / "base"
+        steps.note("base model: a tiny LlamaForCausalLM and a WordLevel tokenizer trained here with `tokenizers`, "
+                   "pre-trained on generic text and the neutral echo instruction; "
+                   "save_pretrained -> " + str(base_dir))
+        base_info = make_base(base_dir, profile.suite, profile.base, seed=seed)
+        base_ref = str(base_dir)
+        base_info.update({"reference": base_ref, "pretrained_here": True, "spec": asdict(profile.base)})
+    steps.timed("base model", t)
+
+    # 3. experts through PEFT, then the registry ----------------------------------------------
+    from atmoe.demo.experts import train_lora
+    from atmoe.registry.registry import Registry
+
+    registry = Registry.open(home=home)
+    try:
+        known_groups = {g.name for g in registry.groups()}
+        for group in (*tasks.GROUP_ORDER, "general"):
+            if group not in known_groups:
+                registry.add_group(group)
+                steps.command("groups", "--add", group)
+        experts_info: dict[str, dict] = {}
+        expert_dirs: dict[str, Path] = {}
+        t = time.perf_counter()
+        for group, names in profile.suite.groups.items():
+            for name in names:
+                expert_dirs[name] = work / "experts" / name
+                steps.note(f"PEFT: get_peft_model(base, LoraConfig(r={profile.expert.r}, lora_alpha={profile.expert.alpha}, "
+                           f"target_modules=all linears)) on {files['expert_' + name].name} -> save_pretrained")
+                info = train_lora(base_ref, splits.expert_train[name], expert_dirs[name], profile.expert,
+                                  seed=seed, label=f"expert {name}")
+                info.update(_add_expert(registry, steps, expert_dirs[name], name, group, base_ref,
+                                        files["expert_" + name]))
+                experts_info[name] = info
+        expert_dirs["general"] = work / "experts" / "general"
+        steps.note("PEFT: the pre-merged general expert, trained on all single-intent data")
+        general_spec = replace(profile.expert, steps=profile.general_steps)
+        info = train_lora(base_ref, splits.general_train(), expert_dirs["general"], general_spec, seed=seed,
+                          label="expert general")
+        info.update(_add_expert(registry, steps, expert_dirs["general"], "general", "general", base_ref,
+                                files["general"]))
+        experts_info["general"] = info
+        steps.timed("experts (PEFT) + add-expert", t)
+
+        # 4. compositions and routers ---------------------------------------------------------
+        variants = {
+            "atmoe": dict(name="demo-atmoe", router="grouped", shared_router=False),
+            "flat_router": dict(name="demo-flat", router="flat", shared_router=False),
+            "shared_router": dict(name="demo-shared", router="grouped", shared_router=True),
+        }
+        from atmoe.training import TrainConfig
+
+        train_config = TrainConfig(epochs=profile.router_epochs, lr=profile.router_lr,
+                                   batch_size=profile.router_batch, max_length=128, seed=seed,
+                                   device="cpu", routing_loss_weight=profile.routing_loss_weight)
+        trained: dict[str, object] = {}
+        router_info: dict[str, dict] = {}
+        groups_arg = ",".join(tasks.GROUP_ORDER)
+        t = time.perf_counter()
+        for method, v in variants.items():
+            argv = ["compose", "--name", v["name"], "--groups", groups_arg, "--general", "general",
+                    "--lambda", str(profile.lam)]
+            if v["router"] == "flat":
+                argv += ["--router", "flat"]
+            if v["shared_router"]:
+                argv.append("--shared-router")
+            steps.command(*argv)
+            record, _ = registry.compose(name=v["name"], groups=list(tasks.GROUP_ORDER), general="general",
+                                         lam=profile.lam, router=v["router"], shared_router=v["shared_router"],
+                                         description=f"atmoe-reg demo: {method}")
+            steps.command("train-router", record["ref"], "--data", str(files["router_train"]),
+                          "--eval", str(files["router_eval"]), "--epochs", str(train_config.epochs),
+                          "--lr", str(train_config.lr), "--batch-size", str(train_config.batch_size),
+                          "--max-length", str(train_config.max_length),
+                          "--routing-loss-weight", str(train_config.routing_loss_weight), "--device", "cpu")
+            result = registry.train_router(record["ref"], data=files["router_train"], eval_data=files["router_eval"],
+                                           config=train_config, console=console,
+                                           notes=f"atmoe-reg demo ({profile.name}): {method}")
+            trained[method] = result.built.model
+            tokenizer = result.built.tokenizer
+            router_info[method] = {"composition": record["ref"], "router": result.record.get("ref"),
+                                   "metrics": result.record.get("metrics"), "n_groups": record["n_groups"],
+                                   "n_max": record["n_max"]}
+        steps.timed("compose + train-router x3", t)
+
+        # 5. evaluation ----------------------------------------------------------------------
+        t = time.perf_counter()
+        from atmoe.demo import evaluate as ev
+
+        results, extra = ev.evaluate_methods(base_ref, expert_dirs, trained, tokenizer, splits, console=console)
+        routing = {m: ev.routing_accuracy(trained[m], tokenizer, splits.test) for m in trained}
+        sweep = ev.temperature_sweep(trained["atmoe"], tokenizer, splits.test, TEMPERATURES,
+                                     trained_temperature=1.0, console=console)
+        steps.timed("evaluation", t)
+        examples = ev.heatmap_examples(splits.test, profile.suite)
+        heatmap = out / "routing_heatmap.png"
+        routings = ev.example_routings(trained["atmoe"], tokenizer, examples)
+        from atmoe.report import heatmap_png
+
+        heatmap_png({f"{ex['prompt']} -> {ans}": r for ex, (r, ans) in zip(examples, routings)}, str(heatmap),
+                    title="AT-MoE routing per block (held-out composite instructions)")
+        for ex in examples[:1]:
+            steps.command("route", router_info["atmoe"]["router"], ex["prompt"], "--plot", str(out / "route.png"))
+            steps.command("generate", router_info["atmoe"]["router"], ex["prompt"], "--max-new-tokens", "12")
+    finally:
+        registry.close()
+
+    report = {
+        "methods": {m: {"eval_loss": results[m]["eval_loss"], "accuracy": results[m]["accuracy"]} for m in METHODS},
+        "routing_accuracy": routing["atmoe"],
+        "temperature_sweep": sweep,
+        "routing_accuracy_by_method": routing,
+        "method_details": extra,
+        "verdict": None,
+        "profile": _jsonable(asdict(profile)),
+        "base_model": base_info,
+        "experts": experts_info,
+        "routers": router_info,
+        "data": {k: {"path": str(v), "sha256": tasks.digest(_read_jsonl(v))} for k, v in files.items()},
+        "home": str(home),
+        "heatmap": str(heatmap),
+        "commands": [r for r in steps.records],
+        "timings": {r["step"]: r["seconds"] for r in steps.records},
+        "total_seconds": round(time.perf_counter() - started_all, 1),
+        "environment": _environment(),
+    }
+    from atmoe.demo.report import verdict, write_markdown
+
+    report["verdict"] = verdict(report)
+    (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    write_markdown(report, out / "report.md")
+    return report
+
+
+def _add_expert(registry, steps: Steps, path: Path, name: str, group: str, base_ref: str, data_file: Path) -> dict:
+    description = f"demo expert '{name}' ({group}), PEFT LoRA on {data_file.name}"
+    argv = ["add-expert", str(path), "--name", name, "--group", group, "--base-model", base_ref,
+            "--description", description, "--tag", "source=atmoe-demo"]
+    facet = {}
+    if group == "domain":
+        facet["domain"] = name
+        argv += ["--domain", name]
+    if group == "style":
+        facet["style"] = name
+        argv += ["--style", name]
+    steps.command(*argv)
+    expert, created = registry.add_expert(path, name=name, group=group, base_model=base_ref,
+                                          description=description, tags={"source": "atmoe-demo"},
+                                          source="atmoe-reg demo", **facet)
+    return {"ref": expert.ref, "digest": expert.digest, "created": created}
+
+
+def _write_data(folder: Path, splits: tasks.Splits) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for name, data in splits.expert_train.items():
+        files["expert_" + name] = folder / f"expert_{name}.jsonl"
+        tasks.write_jsonl(files["expert_" + name], data)
+    files["general"] = folder / "general.jsonl"
+    tasks.write_jsonl(files["general"], splits.general_train())
+    for key in ("router_train", "router_eval", "test"):
+        files[key] = folder / f"{key}.jsonl"
+        tasks.write_jsonl(files[key], getattr(splits, key))
+    return files
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _environment() -> dict:
+    import peft
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "machine": platform.machine()}
+
+
+def _jsonable(value):
+    """Tuples to lists and non-finite floats to None, so report.json is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
