@@ -171,3 +171,33 @@ def example_routings(model, tokenizer, examples: list[dict]) -> list[tuple[list[
         answer = greedy(model, tokenizer, [ex], max_new_tokens=len(ex["response"].split()) + 2)[0]
         out.append((model.last_routing(), answer))
     return out
+
+
+def expert_own_accuracy(base_ref: str, expert_dirs: dict, splits) -> dict[str, dict]:
+    """Each expert alone (PEFT) on held-out data of its own single intent: do the experts know their skill?"""
+    from atmoe.loading import load_base_model
+
+    base, tokenizer = load_base_model(base_ref)
+    out = {}
+    for name, folder in expert_dirs.items():
+        data = splits.expert_eval.get(name) or [ex for v in splits.expert_eval.values() for ex in v]
+        r = evaluate(_peft_alone(base, folder), tokenizer, data[:96])
+        out[name] = {"eval_loss": r["eval_loss"], "accuracy": r["accuracy"]}
+    return out
+
+
+def oracle_routing(model, tokenizer, examples: list[dict]) -> dict:
+    """A diagnostic, not a method: each example gets forced weights 1/k on its k intended experts in
+    every block (what a perfect router trained to the uniform-over-intents target would output).
+    Separates "the router chose badly" from "the experts do not compose under any such weights"."""
+    groups: dict[tuple, list[dict]] = {}
+    for ex in examples:
+        groups.setdefault(tuple(ex["intents"]), []).append(ex)
+    loss_sum = acc_sum = 0.0
+    for intents, items in groups.items():
+        with model.forced_routing({name: 1.0 / len(intents) for name in intents}):
+            r = evaluate(model, tokenizer, items)
+        loss_sum += r["eval_loss"] * len(items)
+        acc_sum += r["accuracy"] * len(items)
+    return {"eval_loss": loss_sum / len(examples), "accuracy": acc_sum / len(examples),
+            "how": "per-example forced weights 1/k on the intended experts (lambda and general as composed)"}

@@ -49,26 +49,26 @@ class Profile:
     n_router_eval: int = 96
     n_test: int = 240
     router_epochs: int = 4
-    router_lr: float = 2e-2
+    router_lr: float = 5e-2
     router_batch: int = 32
-    routing_loss_weight: float = 0.5
+    routing_loss_weight: float = 1.0
     lam: float = 0.5
     seed: int = 0
 
 
 QUICK = Profile(
     name="quick", suite=tasks.QUICK_SUITE,
-    base=BaseSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, pretrain_steps=1000,
+    base=BaseSpec(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, pretrain_steps=1600,
                   batch_size=64, lr=3e-3),
-    expert=ExpertSpec(r=8, alpha=16, steps=200, batch_size=32, lr=3e-3),
-    general_steps=500, n_expert=600, n_router=480, n_router_eval=96, n_test=240, router_epochs=4)
+    expert=ExpertSpec(r=8, alpha=16, steps=400, batch_size=32, lr=1e-2),
+    general_steps=1000, n_expert=600, n_router=480, n_router_eval=96, n_test=240, router_epochs=12)
 
 DEFAULT = Profile(
     name="default", suite=tasks.DEFAULT_SUITE,
     base=BaseSpec(hidden_size=96, intermediate_size=192, num_layers=4, num_heads=4, pretrain_steps=2000,
                   batch_size=64, lr=3e-3),
-    expert=ExpertSpec(r=8, alpha=16, steps=400, batch_size=32, lr=3e-3),
-    general_steps=1200, n_expert=1000, n_router=1080, n_router_eval=180, n_test=540, router_epochs=5)
+    expert=ExpertSpec(r=8, alpha=16, steps=800, batch_size=32, lr=1e-2),
+    general_steps=2400, n_expert=1000, n_router=1080, n_router_eval=180, n_test=540, router_epochs=5)
 
 
 def real_model_profile(profile: Profile) -> Profile:
@@ -232,6 +232,8 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         routing = {m: ev.routing_accuracy(trained[m], tokenizer, splits.test) for m in trained}
         sweep = ev.temperature_sweep(trained["atmoe"], tokenizer, splits.test, TEMPERATURES,
                                      trained_temperature=1.0, console=console)
+        diagnostics = {"expert_own_task": ev.expert_own_accuracy(base_ref, expert_dirs, splits),
+                       "oracle_routing_atmoe": ev.oracle_routing(trained["atmoe"], tokenizer, splits.test)}
         steps.timed("evaluation", t)
         examples = ev.heatmap_examples(splits.test, profile.suite)
         heatmap = out / "routing_heatmap.png"
@@ -252,6 +254,7 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         "temperature_sweep": sweep,
         "routing_accuracy_by_method": routing,
         "method_details": extra,
+        "diagnostics": diagnostics,
         "verdict": None,
         "profile": _jsonable(asdict(profile)),
         "base_model": base_info,

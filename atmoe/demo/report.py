@@ -66,6 +66,22 @@ def _answers(report: dict) -> list[str]:
     return lines
 
 
+def _diagnostics(report: dict) -> str:
+    d = report.get("diagnostics") or {}
+    lines = []
+    own = d.get("expert_own_task") or {}
+    if own:
+        lines.append("Each expert alone on held-out data of its own single intent (does it know its skill?): "
+                     + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in own.items()) + ".")
+    oracle = d.get("oracle_routing_atmoe")
+    if oracle:
+        lines.append(f"Oracle routing (forced 1/3 on the intended experts of each example, every block): "
+                     f"eval loss {oracle['eval_loss']:.4f}, accuracy {oracle['accuracy']:.3f}. When this is "
+                     "no better than the trained routers, the experts do not compose under sum-to-one weights "
+                     "and no router can fix that.")
+    return "\n\n".join(lines) or "none"
+
+
 def write_markdown(report: dict, path: Path) -> None:
     m = report["methods"]
     v = report["verdict"]
@@ -98,6 +114,10 @@ shared {routing.get('shared_router', float('nan')):.3f}.
 ## Temperature sweep (AT-MoE routers trained at tau = 1)
 
 {chr(10).join(sweep_rows)}
+
+## Diagnostics (not methods)
+
+{_diagnostics(report)}
 
 ## The paper's open questions, on this suite
 

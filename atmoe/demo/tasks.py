@@ -76,7 +76,7 @@ class SuiteSpec:
         return max(len(v) for v in self.groups.values())
 
 
-QUICK_SUITE = SuiteSpec(functional=("reverse", "sort"), domain=("animal", "color", "fruit"),
+QUICK_SUITE = SuiteSpec(functional=("sort", "rotate"), domain=("animal", "color", "fruit"),
                         style=("bracket", "angle"))
 DEFAULT_SUITE = SuiteSpec()
 
@@ -175,15 +175,19 @@ def composite_intents(spec: SuiteSpec) -> list[tuple[str, str, str]]:
 
 
 def generic_text(rng: random.Random, n: int, spec: SuiteSpec, max_words: int = 12) -> list[str]:
-    """Pre-training text for the base model: the all-neutral echo instruction over any content
-    words, and random word strings. Never an expert's intent."""
+    """Pre-training text for the base model: an echo of any content words under any instruction
+    words (the all-neutral one among them), and random word strings. Never an expert's skill."""
     words = list(vocabulary_words())
     content = list(LETTERS) + [w for d in DOMAINS.values() for w in d]
+    # The echo's instruction slots hold any three words: the base learns the format and to repeat
+    # its input whatever the instruction says; what an instruction means is the experts' business.
+    slot_words = [w for w in words if w not in MARKERS]
     lines = []
     for i in range(n):
         if i % 4 != 3:
             xs = rng.sample(content, rng.randint(spec.min_len, spec.max_len))
-            lines.append(f"instruction: copy same plain input: {' '.join(xs)} output: {' '.join(xs)}")
+            ins = " ".join(rng.choice(slot_words) for _ in range(3)) if i % 4 else "copy same plain"
+            lines.append(f"instruction: {ins} input: {' '.join(xs)} output: {' '.join(xs)}")
         else:
             lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, max_words))))
     return lines

@@ -1,0 +1,52 @@
+"""The end-to-end demo (`atmoe-reg demo --quick`): runs the real command into a temp folder.
+
+The quick profile takes 2-3 minutes on 2 free CPU cores (under 5 minutes, so it is not marked slow;
+on a machine loaded by other jobs it takes several times longer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from click.testing import CliRunner
+
+from atmoe.cli import main
+
+METHODS = ("base", "best_single_expert", "general_only", "uniform_mixture", "flat_router", "shared_router", "atmoe")
+
+
+def test_demo_quick_writes_a_finite_report(tmp_path):
+    out, home = tmp_path / "out", tmp_path / "home"
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--home", str(home)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == set(METHODS)
+    for method in METHODS:
+        for key in ("eval_loss", "accuracy"):
+            value = report["methods"][method][key]
+            assert isinstance(value, float) and math.isfinite(value), (method, key, value)
+        assert 0.0 <= report["methods"][method]["accuracy"] <= 1.0
+    assert 0.0 <= report["routing_accuracy"] <= 1.0
+    sweep = report["temperature_sweep"]
+    assert [row["temperature"] for row in sweep] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert all(math.isfinite(row["eval_loss"]) for row in sweep)
+    assert isinstance(report["verdict"]["success"], bool)
+    assert (out / "report.md").read_text().startswith("# atmoe-reg demo report")
+    assert (out / "routing_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the demo's catalog holds the experts and one router per composition
+    from atmoe.registry.registry import Registry
+
+    with Registry.open(home=home) as registry:
+        names = {e.name for e in registry.list_experts()}
+        assert {"sort", "rotate", "animal", "bracket", "general"} <= names
+        for composition in ("demo-atmoe", "demo-flat", "demo-shared"):
+            assert len(registry.routers(composition)) == 1
+
+
+def test_demo_help_lists_its_options():
+    result = CliRunner().invoke(main, ["demo", "--help"])
+    assert result.exit_code == 0
+    for option in ("--quick", "--out", "--home", "--base-model"):
+        assert option in result.output
