@@ -11,3 +11,4 @@ from atmoe.cli.app import get_registry, main
 from atmoe.cli import compositions, db, experts, routers, transfer  # noqa: E402,F401  (registers the commands)
 
 __all__ = ["get_registry", "main"]
+from atmoe.cli import demo  # noqa: E402,F401  (registers the demo command)
