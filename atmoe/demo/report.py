@@ -99,8 +99,8 @@ def write_markdown(report: dict, path: Path) -> None:
 
 **Verdict: {'SUCCESS' if v['success'] else 'NOT MET'}.** {v['summary']}.
 
-Held-out composite instructions: {len(report['method_details'].get('atmoe', {}).get('samples', [])) and ''}\
-see `work/data/test.jsonl` (sha256 `{report['data']['test']['sha256'][:16]}`); inputs never seen by any expert or router.
+Held-out composite instructions: `work/data/test.jsonl` (sha256 `{report['data']['test']['sha256'][:16]}`);
+their inputs were never seen by any expert or router.
 
 {chr(10).join(rows)}
 
