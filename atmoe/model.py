@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from atmoe.config import AtmoeConfig, check_temperature
 from atmoe.errors import AtmoeError, RoutingError
 from atmoe.layer import BlockRouting
-from atmoe.router import FlatRouter, GroupedRouter
+from atmoe.router import FlatRouter, GroupedRouter, InputStandardizer
 from atmoe.routing import group_totals, pool_hidden
 
 
@@ -89,6 +89,9 @@ class AtMoEModel(nn.Module):
 
         n_routers = 1 if config.shared_router else self.num_blocks
         self.routers = nn.ModuleList([make_router() for _ in range(n_routers)]).to(device)
+        # per block even when the router is shared: each block's residual stream has its own scale
+        self.router_inputs = nn.ModuleList([InputStandardizer(hidden_size) for _ in range(self.num_blocks)]).to(device)
+        self._input_moments: list[list[Any] | None] | None = None  # set while calibrating
         if config.learn_lambda:
             start = math.log(config.lam / (1.0 - config.lam))  # logit(lambda)
             self.lambda_logits = nn.ParameterList(
@@ -191,17 +194,57 @@ class AtMoEModel(nn.Module):
         else:
             router = self.routers[0 if self.atmoe_config.shared_router else index]
             temperature = self.atmoe_config.temperature
+            standardize = self.router_inputs[index]
             if sequence:
                 u = pool_hidden(hidden, mask)                                            # [B, D]
-                group_w, weights = router(u, temperature)                                # [B, N_G], [B, E]
+                self._observe(index, u)
+                group_w, weights = router(standardize(u), temperature)                   # [B, N_G], [B, E]
                 self._last[index] = (group_w, weights, None)
                 weights = weights.unsqueeze(1)                                           # [B, 1, E]
             else:
-                group_w, weights = router(hidden, temperature)                           # [B, T, N_G], [B, T, E]
+                self._observe(index, hidden if mask is None else hidden[mask.bool()])   # [N, D] real tokens
+                group_w, weights = router(standardize(hidden), temperature)              # [B, T, N_G], [B, T, E]
                 self._last[index] = (group_w, weights, mask)
         lam = self._lambda(index)
         general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)                 # [B, 1|T, 1]
         routing.set(torch.cat([lam * weights, general], dim=-1))                         # [B, 1|T, E+1]
+
+    def _observe(self, index: int, inputs: Tensor) -> None:
+        """While calibrating, add router inputs [.., D] to block ``index``'s running moments."""
+        if self._input_moments is None:
+            return
+        flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()                    # [N, D]
+        moments = self._input_moments[index]
+        if moments is None:
+            self._input_moments[index] = [flat.sum(0), (flat * flat).sum(0), float(flat.shape[0])]
+        else:
+            moments[0] += flat.sum(0)
+            moments[1] += (flat * flat).sum(0)
+            moments[2] += float(flat.shape[0])
+
+    @contextmanager
+    def calibrating_router_inputs(self, reduce=None) -> Iterator["AtMoEModel"]:
+        """Forwards inside collect every block's router inputs; on a clean exit each block's input
+        standardisation becomes their per-feature mean and std (see ``InputStandardizer``).
+
+        ``reduce`` sums a tensor over processes (``accelerator.reduce(t, "sum")``) so that every
+        data-parallel rank calibrates alike. Forced routing bypasses the routers: nothing is seen.
+        """
+        self._input_moments = [None] * self.num_blocks
+        try:
+            yield self
+            moments = self._input_moments
+        finally:
+            self._input_moments = None
+        for standardize, seen in zip(self.router_inputs, moments):
+            if seen is None:
+                continue
+            packed = torch.cat([seen[0], seen[1], seen[0].new_tensor([seen[2]])])        # [2D + 1]
+            if reduce is not None:
+                packed = reduce(packed)
+            hidden = seen[0].shape[0]
+            standardize.set_from_moments(packed[:hidden], packed[hidden:2 * hidden], float(packed[-1]))
+        self._invalidate()
 
     # ------------------------------------------------------------------ routing, read and forced
 
@@ -293,8 +336,10 @@ class AtMoEModel(nn.Module):
         return params
 
     def router_state_dict(self) -> dict[str, Tensor]:
-        """What a router blob stores: ``routers.<i>.<param>`` and ``lambda_logits.<i>``, float32 copies."""
+        """What a router blob stores: ``routers.<i>.<param>``, each block's input standardisation
+        ``router_inputs.<i>.shift|scale`` and ``lambda_logits.<i>``, float32 copies."""
         state = {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
+        state.update({f"router_inputs.{k}": v for k, v in self.router_inputs.state_dict().items()})
         if self.lambda_logits is not None:
             state.update({f"lambda_logits.{k}": v for k, v in self.lambda_logits.state_dict().items()})
         return {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in state.items()}
@@ -319,6 +364,8 @@ class AtMoEModel(nn.Module):
         with torch.no_grad():
             routers = {k[len("routers."):]: v for k, v in state_dict.items() if k.startswith("routers.")}
             self.routers.load_state_dict({k: v.float() for k, v in routers.items()}, strict=True)
+            inputs = {k[len("router_inputs."):]: v for k, v in state_dict.items() if k.startswith("router_inputs.")}
+            self.router_inputs.load_state_dict({k: v.float() for k, v in inputs.items()}, strict=True)
             if self.lambda_logits is not None:
                 for i, param in enumerate(self.lambda_logits):
                     param.copy_(state_dict[f"lambda_logits.{i}"])

@@ -104,3 +104,33 @@ class FlatRouter(_Float32Router):
 
 
 Router = GroupedRouter | FlatRouter
+
+
+class InputStandardizer(_Float32Router):
+    """u -> (u - shift) * scale: the feature-wise standardisation of one block's router input.
+
+    It changes no router's function class ((u - m) s W + b is again affine in u); it conditions the
+    learning. A block's pooled residual stream is a large offset shared by every request plus small
+    differences between requests, whose size differs by block and by model, so plain gradient steps
+    on W from zero crawl (seen on the demo: intents linearly separable, yet unlearned). Router
+    training sets shift and scale to the per-feature mean and standard deviation of the training
+    prompts' router inputs before it starts (``AtMoEModel.calibrating_router_inputs``); they are part
+    of the router's weights. Identity until then. shift, scale: [D].
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(hidden_size))
+        self.register_buffer("scale", torch.ones(hidden_size))
+
+    def forward(self, u: Tensor) -> Tensor:
+        return (u.float() - self.shift) * self.scale                              # [.., D]
+
+    @torch.no_grad()
+    def set_from_moments(self, total: Tensor, total_sq: Tensor, count: float) -> None:
+        """Mean and std per feature from sums over ``count`` inputs (float64 [D] each)."""
+        mean = total / count                                                      # [D]
+        var = (total_sq / count - mean * mean).clamp_min(0.0)                     # [D]
+        floor = 1e-4 * float(var.mean()) + 1e-12  # constant features are not blown up
+        self.shift.copy_(mean.float())
+        self.scale.copy_(torch.rsqrt(var + floor).float())

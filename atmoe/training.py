@@ -150,11 +150,14 @@ def _prompt_mask(batch: dict) -> torch.Tensor:
 
 
 def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Example] | None = None,
-                 config: TrainConfig | None = None, *, progress: bool = True, console=None) -> TrainResult:
+                 config: TrainConfig | None = None, *, calibrate: bool = True, progress: bool = True,
+                 console=None) -> TrainResult:
     """Train ``model``'s routers in place on ``train``; evaluate on ``eval`` before and after.
 
-    ``model`` is an ``AtMoEModel`` over a causal language model. Deterministic for a given seed on a
-    given device. Returns the metrics and the router weights to store.
+    ``model`` is an ``AtMoEModel`` over a causal language model. With ``calibrate`` (a fresh router;
+    off when warm-starting from a trained one) a first pass over the training prompts sets each
+    block's router-input standardisation. Deterministic for a given seed on a given device. Returns
+    the metrics and the router weights to store.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -190,6 +193,8 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
     device = accelerator.device
     use_routing_loss = config.routing_loss_weight > 0 and any(e.intents for e in train)
 
+    if calibrate:
+        _calibrate(model, inner, loader, accelerator, progress=progress, console=console)
     eval_before = evaluate(inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length,
                            device=device) if eval else None
     history: list[dict] = []
@@ -251,6 +256,21 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
         ).get("routing_accuracy")
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in inner.router_state_dict().items()}
     return TrainResult(metrics=metrics, history=history, router_state=state)
+
+
+@torch.no_grad()
+def _calibrate(model, inner, loader, accelerator, *, progress: bool, console) -> None:
+    """One pass over the training prompts, no gradients: the routers' input standardisation."""
+    model.eval()
+    with inner.calibrating_router_inputs(reduce=lambda t: accelerator.reduce(t, "sum")), \
+            _progress(progress, console) as bar:
+        task = bar.add_task("router inputs", total=len(loader), loss=float("nan"), tps=0.0) if bar else None
+        for batch in loader:
+            batch = {k: v for k, v in batch.items() if k != "intent_mask"}
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  routing_mask=_prompt_mask(batch))
+            if bar:
+                bar.update(task, advance=1)
 
 
 class _NoProgress:

@@ -169,6 +169,7 @@ def test_router_state_dict_round_trip_and_strictness(llama, experts):
     model = compose(llama, experts, general=experts["general"], learn_lambda=True, lam=0.4)
     state = model.router_state_dict()
     assert set(state) == {f"routers.{i}.{p}" for i in range(2) for p in ("W_G", "b_G", "W_D", "b_D")} | {
+        f"router_inputs.{i}.{b}" for i in range(2) for b in ("shift", "scale")} | {
         "lambda_logits.0", "lambda_logits.1"}
     assert state["routers.0.W_G"].shape == (32, 2) and state["routers.0.W_D"].shape == (32, 4)
     assert torch.sigmoid(state["lambda_logits.0"]).item() == pytest.approx(0.4)
@@ -189,6 +190,32 @@ def test_router_state_dict_round_trip_and_strictness(llama, experts):
     flat = compose(llama, experts, router="flat")
     with pytest.raises(AtmoeError):
         flat.load_router_state_dict(compose(llama, experts).router_state_dict())
+
+
+def test_calibration_standardizes_each_blocks_router_input(llama, experts):
+    model = compose(llama, experts, shared_router=True)
+    batches = [torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    from atmoe.routing import pool_hidden
+
+    with torch.no_grad():
+        for ids in batches:  # the pooled router inputs, by hand
+            out = model.base_model(input_ids=ids, output_hidden_states=True)
+            for block in seen:
+                seen[block].append(pool_hidden(out.hidden_states[block], None))
+        with model.calibrating_router_inputs():
+            for ids in batches:
+                model(input_ids=ids)
+    for block, norm in enumerate(model.router_inputs):
+        pooled = torch.cat(seen[block])                                          # [12, D]
+        torch.testing.assert_close(norm.shift, pooled.mean(0), atol=1e-5, rtol=1e-4)
+        standardized = norm(pooled)
+        torch.testing.assert_close(standardized.std(0, unbiased=False), torch.ones(pooled.shape[1]), atol=1e-2, rtol=1e-2)
+    # the shared router still gets per-block inputs; zero weights still route uniformly
+    model(input_ids=IDS)
+    assert model.last_routing()[1]["experts"] == pytest.approx(model.last_routing()[0]["experts"])
+    state = model.router_state_dict()
+    assert "router_inputs.1.scale" in state and "routers.1.W_G" not in state
 
 
 def test_ablations_build_and_route(llama, experts):
