@@ -2,10 +2,9 @@
 
 The loop runs on ``accelerate`` (device placement, mixed precision, ``accelerate launch`` for several
 GPUs) and shows a rich progress bar with the loss and tokens/s on stderr. The language-model loss is
-taken on response tokens only. When examples name their ``intents``, an auxiliary routing loss pulls
-each block's expert weights towards a uniform split over the intended experts: a cross-entropy
-``-sum_e t_e log w_e`` with ``t`` uniform over the intents, which makes the group weights spread over
-the intended groups and the inside-group weights pick the intended slot.
+taken on response tokens only. When examples name their ``intents``, an auxiliary routing loss (see
+``routing_loss``) teaches each block's inside-group weights to pick the intended expert of each group;
+the split between groups is left to the language-model loss.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader
 from atmoe.data import Encoded, Example, check_intents, collate, encode_example
 from atmoe.errors import UsageError
 from atmoe.freeze import freeze_all_but_routers
+from atmoe.routing import group_totals
 
 
 @dataclass
@@ -71,20 +71,28 @@ class TrainResult:
 
 
 def routing_loss(model, intent_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over blocks of -sum_e t_e log w_e, t uniform over each example's intents; 0 without intents.
+    """Inside-group cross-entropy of the intended experts, averaged over blocks; 0 without intents.
 
-    intent_mask: [B, E] with 1 on the intended experts. Token routing averages weights over tokens.
+    For each intended expert e: -log(w_e / sum over e' in g(e) of w_e'), i.e. -log b[g(e), m(e)] for
+    the grouped router (the same ratio for the flat one). Intents say which expert of a group is
+    right, not how a block should split its weight between groups: that is the language-model
+    loss's to decide, block by block. intent_mask: [B, E], 1 on the intended experts. Token routing
+    averages the weights over tokens first.
     """
     has_intent = intent_mask.sum(-1) > 0  # [B]
     if not bool(has_intent.any()):
         return intent_mask.new_zeros(())
-    target = intent_mask[has_intent] / intent_mask[has_intent].sum(-1, keepdim=True)  # [B', E]
+    intended = intent_mask[has_intent]                                               # [B', E]
+    groups = model.expert_group_index.to(intended.device)                            # [E]
     losses = []
     for _, expert_weights in model.last_routing_tensors():
         if expert_weights.dim() == 3:  # token routing: [B, T, E] -> [B, E]
             expert_weights = expert_weights.mean(1)
-        log_w = torch.log(expert_weights[has_intent].float().clamp_min(1e-9))  # [B', E]
-        losses.append(-(target * log_w).sum(-1).mean())
+        weights = expert_weights[has_intent].float()                                 # [B', E]
+        totals = group_totals(weights, groups, model.n_groups)                       # [B', N_G]
+        inside = weights / totals[:, groups].clamp_min(1e-12)                        # [B', E]  b[g(e), m(e)]
+        log_inside = torch.log(inside.clamp_min(1e-9))                               # [B', E]
+        losses.append((-(intended * log_inside).sum(-1) / intended.sum(-1)).mean())
     return torch.stack(losses).mean()
 
 
