@@ -202,17 +202,20 @@ class AtMoEModel(nn.Module):
                 self._last[index] = (group_w, weights, None)
                 weights = weights.unsqueeze(1)                                           # [B, 1, E]
             else:
-                self._observe(index, hidden if mask is None else hidden[mask.bool()])   # [N, D] real tokens
+                self._observe(index, hidden, mask)
                 group_w, weights = router(standardize(hidden), temperature)              # [B, T, N_G], [B, T, E]
                 self._last[index] = (group_w, weights, mask)
         lam = self._lambda(index)
         general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)                 # [B, 1|T, 1]
         routing.set(torch.cat([lam * weights, general], dim=-1))                         # [B, 1|T, E+1]
 
-    def _observe(self, index: int, inputs: Tensor) -> None:
-        """While calibrating, add router inputs [.., D] to block ``index``'s running moments."""
+    def _observe(self, index: int, inputs: Tensor, mask: Tensor | None = None) -> None:
+        """While calibrating, add router inputs [B, D] (or [B, T, D] with mask [B, T]: the real
+        tokens) to block ``index``'s running moments. A no-op otherwise."""
         if self._input_moments is None:
             return
+        if mask is not None:
+            inputs = inputs[mask.bool()]                                                 # [N, D]
         flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()                    # [N, D]
         moments = self._input_moments[index]
         if moments is None:

@@ -218,6 +218,17 @@ def test_calibration_standardizes_each_blocks_router_input(llama, experts):
     assert "router_inputs.1.scale" in state and "routers.1.W_G" not in state
 
 
+def test_token_routing_calibrates_on_real_tokens_only(llama, experts):
+    model = compose(llama, experts, routing="token")
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # left padding
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[0]
+        with model.calibrating_router_inputs():
+            model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(model.router_inputs[0].shift, hidden[mask.bool()].mean(0), atol=1e-5, rtol=1e-4)
+
+
 def test_ablations_build_and_route(llama, experts):
     flat = compose(llama, experts, router="flat")
     assert all(isinstance(r, FlatRouter) for r in flat.routers)
