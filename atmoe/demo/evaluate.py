@@ -186,18 +186,22 @@ def expert_own_accuracy(base_ref: str, expert_dirs: dict, splits) -> dict[str, d
     return out
 
 
-def oracle_routing(model, tokenizer, examples: list[dict]) -> dict:
-    """A diagnostic, not a method: each example gets forced weights 1/k on its k intended experts in
-    every block (what a perfect router trained to the uniform-over-intents target would output).
-    Separates "the router chose badly" from "the experts do not compose under any such weights"."""
+def oracle_routing(model, tokenizer, examples: list[dict], *, weight: float | None = None) -> dict:
+    """A diagnostic, not a method: each example gets forced weights on its k intended experts in every
+    block: 1/k by default (sum-to-one, what a shared router could output at best), or ``weight`` each.
+    With experts placed on disjoint blocks, weight 1 in every block means full strength in each expert's
+    own blocks (an expert has no delta elsewhere): what per-block routers can reach (group weight ~1 per
+    block). Separates "the router chose badly" from "the experts do not compose"."""
     groups: dict[tuple, list[dict]] = {}
     for ex in examples:
         groups.setdefault(tuple(ex["intents"]), []).append(ex)
     loss_sum = acc_sum = 0.0
     for intents, items in groups.items():
-        with model.forced_routing({name: 1.0 / len(intents) for name in intents}):
+        with model.forced_routing({name: weight if weight is not None else 1.0 / len(intents) for name in intents}):
             r = evaluate(model, tokenizer, items)
         loss_sum += r["eval_loss"] * len(items)
         acc_sum += r["accuracy"] * len(items)
+    how = "1/k" if weight is None else f"{weight}"
     return {"eval_loss": loss_sum / len(examples), "accuracy": acc_sum / len(examples),
-            "how": "per-example forced weights 1/k on the intended experts (lambda and general as composed)"}
+            "how": f"per-example forced weight {how} on each intended expert, every block "
+                   "(lambda and general as composed)"}

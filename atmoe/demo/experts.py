@@ -24,6 +24,7 @@ class ExpertSpec:
     steps: int = 300
     batch_size: int = 32
     lr: float = 3e-3
+    layers: tuple[int, ...] | None = None  # blocks the adapter touches (PEFT layers_to_transform); None = all
 
 
 def train_lora(base_ref: str, train: list[dict], out_dir: Path, spec: ExpertSpec, *, seed: int = 0,
@@ -37,8 +38,9 @@ def train_lora(base_ref: str, train: list[dict], out_dir: Path, spec: ExpertSpec
     torch.manual_seed(seed)
     rng = random.Random(seed)
     base, tokenizer = load_base_model(base_ref)
+    placement = {} if spec.layers is None else {"layers_to_transform": list(spec.layers), "layers_pattern": "layers"}
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0,
-                        target_modules=list(TARGETS), task_type="CAUSAL_LM")
+                        target_modules=list(TARGETS), task_type="CAUSAL_LM", **placement)
     model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)

@@ -13,7 +13,9 @@ Each group also has a *neutral* intent (copy / same / plain) that no expert owns
 single-intent data sets the other two aspects to their neutral value, so the instruction stays
 well-formed and the expert learns its own aspect only. The base model is pre-trained on generic text
 and on the all-neutral instruction (an echo), never on any expert's intent, so it knows the format
-but fails every composite.
+but fails every composite. Its echo inputs may repeat words, so it learns to echo by position rather
+than by finding the current token in the input: a pointer that survives a domain expert rewriting the
+tokens already written (the quick suite uses the positional functions reverse and rotate).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class SuiteSpec:
         return max(len(v) for v in self.groups.values())
 
 
-QUICK_SUITE = SuiteSpec(functional=("sort", "rotate"), domain=("animal", "color", "fruit"),
+QUICK_SUITE = SuiteSpec(functional=("reverse", "rotate"), domain=("animal", "color", "fruit"),
                         style=("bracket", "angle"))
 DEFAULT_SUITE = SuiteSpec()
 
@@ -185,7 +187,8 @@ def generic_text(rng: random.Random, n: int, spec: SuiteSpec, max_words: int = 1
     lines = []
     for i in range(n):
         if i % 4 != 3:
-            xs = rng.sample(content, rng.randint(spec.min_len, spec.max_len))
+            # with repeats: the base must echo by position, not by finding the current token in the input
+            xs = rng.choices(content, k=rng.randint(spec.min_len, spec.max_len))
             ins = " ".join(rng.choice(slot_words) for _ in range(3)) if i % 4 else "copy same plain"
             lines.append(f"instruction: {ins} input: {' '.join(xs)} output: {' '.join(xs)}")
         else:
