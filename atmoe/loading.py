@@ -84,7 +84,9 @@ def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
     if revision and not resolved.is_local:
         kwargs["revision"] = revision
     verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # a CLI's stderr is for its own messages
     try:
         config = AutoConfig.from_pretrained(resolved.location, **kwargs)
         architectures = config.architectures or []
@@ -104,6 +106,8 @@ def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
         raise ModelLoadError(f"cannot load base model {ref!r}: {first}") from exc
     finally:
         transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -348,8 +348,16 @@ class AtMoEModel(nn.Module):
         return {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in state.items()}
 
     def load_router_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Load a ``router_state_dict``; keys and shapes must match exactly (``AtmoeError`` otherwise)."""
+        """Load a ``router_state_dict``; keys and shapes must match exactly (``AtmoeError`` otherwise).
+
+        A router saved before inputs were standardised has no ``router_inputs.*``: it was trained on
+        raw inputs, so it loads with the identity standardisation.
+        """
         expected = self.router_state_dict()
+        if not any(key.startswith("router_inputs.") for key in state_dict):
+            identity = {f"router_inputs.{i}.shift": torch.zeros(self.hidden_size) for i in range(self.num_blocks)}
+            identity.update({f"router_inputs.{i}.scale": torch.ones(self.hidden_size) for i in range(self.num_blocks)})
+            state_dict = {**state_dict, **identity}
         missing = sorted(set(expected) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(expected))
         if missing or unexpected:

@@ -187,6 +187,9 @@ def test_router_state_dict_round_trip_and_strictness(llama, experts):
         other.load_router_state_dict({**changed, "routers.9.W_G": torch.zeros(1)})
     with pytest.raises(AtmoeError, match="shape"):
         other.load_router_state_dict({**changed, "routers.0.W_G": torch.zeros(32, 3)})
+    legacy = {k: v for k, v in changed.items() if not k.startswith("router_inputs.")}
+    other.load_router_state_dict(legacy)  # saved before inputs were standardised: identity
+    assert torch.equal(other.router_inputs[0].scale, torch.ones(32)) and torch.equal(other.router_inputs[1].shift, torch.zeros(32))
     flat = compose(llama, experts, router="flat")
     with pytest.raises(AtmoeError):
         flat.load_router_state_dict(compose(llama, experts).router_state_dict())
