@@ -131,8 +131,15 @@ class Steps:
 def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_model: str | None = None,
              seed: int = 0) -> dict:
     """Run the whole demo; write OUT/report.json, OUT/report.md and OUT/routing_heatmap.png."""
-    import torch
+    import warnings
 
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    # the demo draws its own progress bars; transformers' per-file ones and PEFT's deprecation
+    # notice about transformers internals would only bury them
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     started_all = time.perf_counter()
