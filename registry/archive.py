@@ -84,23 +84,18 @@ def _iso(moment: datetime | None) -> str | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).isoformat()
 
 
+# the expert fields an archive carries (the manifest format); the rest is re-derived on import
+MANIFEST_EXPERT_KEYS = (
+    "name", "version", "group", "domain", "style", "tags", "description", "base_model", "base_revision",
+    "digest", "created_at", "created_by", "source", "files",
+)  # fmt: skip
+
+
 def _expert_row(expert: Expert) -> dict[str, Any]:
-    return {
-        "name": expert.name,
-        "version": expert.version,
-        "group": expert.group.name,
-        "domain": expert.domain,
-        "style": expert.style,
-        "tags": dict(expert.tags or {}),
-        "description": expert.description,
-        "base_model": expert.base_model,
-        "base_revision": expert.base_revision,
-        "digest": expert.digest,
-        "created_at": _iso(expert.created_at),
-        "created_by": expert.created_by,
-        "source": expert.source,
-        "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in expert.files],
-    }
+    from atmoe.registry.experts import expert_record
+
+    record = expert_record(expert)
+    return {key: record[key] for key in MANIFEST_EXPERT_KEYS}
 
 
 def _composition_row(session: Session, composition: Composition) -> dict[str, Any]:
