@@ -724,7 +724,7 @@ def _insert(
 ) -> None:
     from atmoe.registry import compositions as composition_service
     from atmoe.registry.db import next_value
-    from atmoe.registry.experts import current_user
+    from atmoe.registry.experts import adapter_columns, current_user
     from atmoe.registry.models import Expert, ExpertFile, Group, Router, RouterAlias
 
     group_rows = {g.name: g for g in session.scalars(select(Group))}
@@ -753,14 +753,7 @@ def _insert(
             description=row.get("description"),
             base_model=row.get("base_model"),
             base_revision=row.get("base_revision"),
-            peft_type=info.peft_type,
-            r=info.r,
-            alpha=info.alpha,
-            use_rslora=info.use_rslora,
-            target_modules=info.target_modules,
-            module_ranks=info.module_ranks,
-            rank_pattern=info.rank_pattern,
-            alpha_pattern=info.alpha_pattern,
+            **adapter_columns(info),
             digest=row["digest"],
             size=sum(size for _, _, size in planned.files),
             created_by=row.get("created_by") or current_user(),

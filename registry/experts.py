@@ -132,6 +132,20 @@ def _store_adapter(registry: Registry, info: AdapterInfo) -> list[tuple[str, Sto
     return sorted(stored)
 
 
+def adapter_columns(info: AdapterInfo) -> dict[str, Any]:
+    """The Expert columns that come from the validated adapter itself (add-expert and import)."""
+    return {
+        "peft_type": info.peft_type,
+        "r": info.r,
+        "alpha": info.alpha,
+        "use_rslora": info.use_rslora,
+        "target_modules": info.target_modules,
+        "module_ranks": info.module_ranks,
+        "rank_pattern": info.rank_pattern,
+        "alpha_pattern": info.alpha_pattern,
+    }
+
+
 def add_expert(
     registry: Registry,
     path: str | Path,
@@ -180,14 +194,7 @@ def add_expert(
             description=description,
             base_model=canonical_base_model(base_model or info.base_model_name_or_path),
             base_revision=base_revision or info.revision,
-            peft_type=info.peft_type,
-            r=info.r,
-            alpha=info.alpha,
-            use_rslora=info.use_rslora,
-            target_modules=info.target_modules,
-            module_ranks=info.module_ranks,
-            rank_pattern=info.rank_pattern,
-            alpha_pattern=info.alpha_pattern,
+            **adapter_columns(info),
             digest=digest,
             size=total,
             created_by=created_by if created_by is not None else current_user(),
