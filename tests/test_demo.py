@@ -37,11 +37,11 @@ def test_demo_quick_writes_a_finite_report(tmp_path):
     assert all(math.isfinite(row["eval_loss"]) for row in sweep)
     assert isinstance(report["verdict"]["success"], bool)
     diagnostics = report["diagnostics"]
-    assert set(diagnostics["expert_own_task"]) >= {"reverse", "rotate", "animal", "bracket", "general"}
+    assert set(diagnostics["expert_own_task"]) >= {"count", "parity", "animal", "loud", "general"}
     for key in ("oracle_routing_atmoe", "forced_intended_full"):
         assert math.isfinite(diagnostics[key]["eval_loss"]), key
     # the quick profile places each group's experts on its own block (PEFT layers_to_transform)
-    assert {report["experts"][name]["layers"][0] for name in ("reverse", "animal", "bracket")} == {0, 1, 2}
+    assert {report["experts"][name]["layers"][0] for name in ("count", "animal", "loud")} == {0, 1, 2}
     assert report["experts"]["general"]["layers"] is None
     assert (out / "report.md").read_text().startswith("# atmoe-reg demo report")
     assert (out / "routing_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -50,7 +50,7 @@ def test_demo_quick_writes_a_finite_report(tmp_path):
 
     with Registry.open(home=home) as registry:
         names = {e.name for e in registry.list_experts()}
-        assert {"reverse", "rotate", "animal", "bracket", "general"} <= names
+        assert {"count", "parity", "animal", "loud", "general"} <= names
         for composition in ("demo-atmoe", "demo-flat", "demo-shared"):
             assert len(registry.routers(composition)) == 1
 

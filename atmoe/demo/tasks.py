@@ -2,20 +2,36 @@
 
 A composite instruction names one intent of each group and an input of letters::
 
-    instruction: reverse animal bracket input: c a b output: [ bee ant cat ]
+    instruction: count animal loud input: c a b output: hey | cat ant bee | three
 
-- functional experts know an operation on the letter sequence (reverse, sort, rotate);
-- domain experts know a vocabulary: each letter is written as a word of that domain (a -> ant);
-- style experts know an output format (a wrapper such as ``[ ... ]`` or ``< ... >``).
+The answer has three fields, one per group, separated by ``|``:
 
-The answer is ``style(domain(function(letters)))``, so a composite needs one expert of each group.
-Each group also has a *neutral* intent (copy / same / plain) that no expert owns: an expert's own
-single-intent data sets the other two aspects to their neutral value, so the instruction stays
-well-formed and the expert learns its own aspect only. The base model is pre-trained on generic text
-and on the all-neutral instruction (an echo), never on any expert's intent, so it knows the format
-but fails every composite. Its echo inputs may repeat words, so it learns to echo by position rather
-than by finding the current token in the input: a pointer that survives a domain expert rewriting the
-tokens already written (the quick suite uses the positional functions reverse and rotate).
+- style experts know a tone, written as the opening word (loud ``hey``, curious ``hmm``, calm ``well``);
+- domain experts know a vocabulary: each input letter is written as a word of that domain (a -> ant);
+- functional experts know a computation on the input: its length (count), the parity of its
+  length (parity), whether it holds a vowel (vowel).
+
+A composite needs one expert of each group, and each expert's skill is needed in its own field.
+Each group also has a *neutral* intent (copy / same / plain) that no expert owns: the domain field
+then repeats the letters and the other two fields hold ``-``. An expert's own single-intent data sets
+the other two aspects to their neutral value, so the instruction stays well-formed and the expert
+learns its own aspect only. The base model is pre-trained on generic text and on the neutral answer
+(``- | `` the letters echoed `` | -``) under any instruction words, never on any expert's intent, so it
+knows the format but fails every composite.
+
+Why fields (a disclosed task-design choice): the first suite of this demo chained the aspects into one
+sequence, ``style(domain(function(letters)))`` with functions such as reverse and wrappers such as
+``[ ... ]``. Every expert solved its own task, but the separately trained LoRA experts did not compose:
+even forced to the intended experts at full weight, exact match on composites was 0, because an
+expert that moves the input pointer or shifts where the answer starts rewrites the very mechanism the
+other experts were trained on. The paper's groups are orthogonal aspects of an answer (what to do,
+which knowledge, which style); giving each aspect its own field of the answer is that reading made
+literal, and it is what lets experts trained apart work together. The order of the fields matters
+too: an expert reads the fields written before its own, and it has only ever seen them neutral. With
+the tone last (after the functional field) the style expert did not fire once the functional field
+was filled in; opening with the tone gives it a context that no other expert changes, and the
+domain's word mapping and the functional field (read after the content) proved robust to what
+precedes them.
 """
 
 from __future__ import annotations
@@ -26,34 +42,34 @@ import random
 from dataclasses import dataclass, field
 
 LETTERS: tuple[str, ...] = ("a", "b", "c", "d", "e", "f", "g", "h")
+VOWELS = frozenset({"a", "e"})
+NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
 
+# functional intent -> the word it computes from the input letters
 FUNCTIONS = {
-    "reverse": lambda xs: list(reversed(xs)),
-    "sort": lambda xs: sorted(xs),
-    "rotate": lambda xs: xs[1:] + xs[:1],
+    "count": lambda xs: NUMBERS[len(xs)],
+    "parity": lambda xs: "even" if len(xs) % 2 == 0 else "odd",
+    "vowel": lambda xs: "yes" if VOWELS & set(xs) else "no",
 }
 DOMAINS: dict[str, tuple[str, ...]] = {
     "animal": ("ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen"),
     "color": ("amber", "blue", "cyan", "drab", "ebony", "fawn", "gold", "hazel"),
     "fruit": ("apple", "banana", "cherry", "date", "elder", "fig", "grape", "hop"),
 }
-STYLES: dict[str, tuple[str, str]] = {
-    "bracket": ("[", "]"),
-    "angle": ("<", ">"),
-    "brace": ("{", "}"),
-}
+STYLES: dict[str, str] = {"loud": "hey", "curious": "hmm", "calm": "well"}
 NEUTRAL = {"functional": "copy", "domain": "same", "style": "plain"}
 GROUP_ORDER = ("functional", "domain", "style")
 MARKERS = ("instruction:", "input:", "output:")
+SEPARATOR, EMPTY = "|", "-"
 
 
 @dataclass(frozen=True)
 class SuiteSpec:
     """Which intents make up the suite; each intent is one expert, named after its intent word."""
 
-    functional: tuple[str, ...] = ("reverse", "sort", "rotate")
+    functional: tuple[str, ...] = ("count", "parity", "vowel")
     domain: tuple[str, ...] = ("animal", "color", "fruit")
-    style: tuple[str, ...] = ("bracket", "angle")
+    style: tuple[str, ...] = ("loud", "curious")
     min_len: int = 3
     max_len: int = 6
 
@@ -78,21 +94,21 @@ class SuiteSpec:
         return max(len(v) for v in self.groups.values())
 
 
-QUICK_SUITE = SuiteSpec(functional=("reverse", "rotate"), domain=("animal", "color", "fruit"),
-                        style=("bracket", "angle"))
+QUICK_SUITE = SuiteSpec(functional=("count", "parity"), domain=("animal", "color", "fruit"),
+                        style=("loud", "curious"))
 DEFAULT_SUITE = SuiteSpec()
 
 
 def answer(letters: list[str], function: str, domain: str, style: str) -> list[str]:
-    """The reference output tokens: ``style(domain(function(letters)))``."""
-    xs = list(letters) if function == "copy" else FUNCTIONS[function](list(letters))
-    if domain != "same":
+    """The reference output tokens: ``style field | domain field | functional field``."""
+    if domain == "same":
+        content = list(letters)
+    else:
         table = dict(zip(LETTERS, DOMAINS[domain]))
-        xs = [table[x] for x in xs]
-    if style != "plain":
-        left, right = STYLES[style]
-        xs = [left, *xs, right]
-    return xs
+        content = [table[x] for x in letters]
+    summary = EMPTY if function == "copy" else FUNCTIONS[function](list(letters))
+    mark = EMPTY if style == "plain" else STYLES[style]
+    return [mark, SEPARATOR, *content, SEPARATOR, summary]
 
 
 def make_example(letters: list[str], function: str, domain: str, style: str) -> dict:
@@ -105,7 +121,7 @@ def make_example(letters: list[str], function: str, domain: str, style: str) -> 
 
 def _letters(rng: random.Random, spec: SuiteSpec) -> list[str]:
     n = rng.randint(spec.min_len, spec.max_len)
-    return rng.sample(LETTERS, n)  # distinct letters: sort and reverse never tie
+    return rng.sample(LETTERS, n)  # distinct letters
 
 
 def _key(letters: list[str]) -> str:
@@ -187,10 +203,11 @@ def generic_text(rng: random.Random, n: int, spec: SuiteSpec, max_words: int = 1
     lines = []
     for i in range(n):
         if i % 4 != 3:
-            # with repeats: the base must echo by position, not by finding the current token in the input
+            # with repeats and domain words: the base echoes any content by position
             xs = rng.choices(content, k=rng.randint(spec.min_len, spec.max_len))
             ins = " ".join(rng.choice(slot_words) for _ in range(3)) if i % 4 else "copy same plain"
-            lines.append(f"instruction: {ins} input: {' '.join(xs)} output: {' '.join(xs)}")
+            neutral = " ".join([EMPTY, SEPARATOR, *xs, SEPARATOR, EMPTY])
+            lines.append(f"instruction: {ins} input: {' '.join(xs)} output: {neutral}")
         else:
             lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, max_words))))
     return lines
@@ -200,7 +217,7 @@ def vocabulary_words() -> list[str]:
     """Every word the suite can use (the tokenizer's vocabulary, before special tokens)."""
     words = list(MARKERS) + list(NEUTRAL.values()) + list(FUNCTIONS) + list(DOMAINS) + list(STYLES)
     words += list(LETTERS) + [w for d in DOMAINS.values() for w in d]
-    words += [t for pair in STYLES.values() for t in pair]
+    words += [SEPARATOR, EMPTY, *NUMBERS.values(), "even", "odd", "yes", "no", *STYLES.values()]
     return list(dict.fromkeys(words))
 
 
