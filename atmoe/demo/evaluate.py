@@ -72,17 +72,15 @@ def _peft_alone(base, adapter_dir):
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
 
 
-def evaluate_methods(base_ref: str, expert_dirs: dict, trained: dict, tokenizer, splits, *, console=None
+def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, *, console=None
                      ) -> tuple[dict[str, dict], dict]:
     """Every method of the report on the held-out composite set ``splits.test``.
 
     The best single expert is chosen by eval loss on the validation split (``router_eval``), never on
     the test set. Returns ({method: {"eval_loss", "accuracy", "samples"}}, extra details).
     """
-    from atmoe.loading import load_base_model
     from atmoe.demo.progress import progress_bar
 
-    base, _ = load_base_model(base_ref)
     singles = [n for n in expert_dirs if n != "general"]
     results: dict[str, dict] = {}
     extra: dict = {}
@@ -173,11 +171,8 @@ def example_routings(model, tokenizer, examples: list[dict]) -> list[tuple[list[
     return out
 
 
-def expert_own_accuracy(base_ref: str, expert_dirs: dict, splits) -> dict[str, dict]:
+def expert_own_accuracy(base, tokenizer, expert_dirs: dict, splits) -> dict[str, dict]:
     """Each expert alone (PEFT) on held-out data of its own single intent: do the experts know their skill?"""
-    from atmoe.loading import load_base_model
-
-    base, tokenizer = load_base_model(base_ref)
     out = {}
     for name, folder in expert_dirs.items():
         data = splits.expert_eval.get(name) or [ex for v in splits.expert_eval.values() for ex in v]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass
@@ -27,21 +28,19 @@ class ExpertSpec:
     layers: tuple[int, ...] | None = None  # blocks the adapter touches (PEFT layers_to_transform); None = all
 
 
-def train_lora(base_ref: str, train: list[dict], out_dir: Path, spec: ExpertSpec, *, seed: int = 0,
+def train_lora(base, tokenizer, train: list[dict], out_dir: Path, spec: ExpertSpec, *, seed: int = 0,
                label: str = "expert") -> dict:
-    """``get_peft_model(LoraConfig(...))`` on the base model ``base_ref`` names, a plain AdamW loop on the response
-    tokens of ``train``, then ``save_pretrained(safe_serialization=True)`` into ``out_dir``."""
+    """``get_peft_model(LoraConfig(...))`` on a copy of the loaded ``base`` (left untouched, so one load
+    serves every expert), a plain AdamW loop on the response tokens of ``train``, then
+    ``save_pretrained(safe_serialization=True)`` into ``out_dir``."""
     from peft import LoraConfig, get_peft_model
-
-    from atmoe.loading import load_base_model
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    base, tokenizer = load_base_model(base_ref)
     placement = {} if spec.layers is None else {"layers_to_transform": list(spec.layers), "layers_pattern": "layers"}
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0,
                         target_modules=list(TARGETS), task_type="CAUSAL_LM", **placement)
-    model = get_peft_model(base, config)
+    model = get_peft_model(copy.deepcopy(base), config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps,

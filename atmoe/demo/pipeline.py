@@ -187,8 +187,11 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
 
     # 3. experts through PEFT, then the registry ----------------------------------------------
     from atmoe.demo.experts import train_lora
+    from atmoe.loading import load_base_model
     from atmoe.registry.registry import Registry
 
+    # loaded once (about 20 s for a GGUF model): every expert trains on a copy, every baseline evaluates on one
+    base, base_tokenizer = load_base_model(base_ref)
     registry = Registry.open(home=home)
     try:
         known_groups = {g.name for g in registry.groups()}
@@ -207,7 +210,7 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
                 steps.note(f"PEFT: get_peft_model(base, LoraConfig(r={spec.r}, lora_alpha={spec.alpha}, "
                            f"target_modules=all linears{where})) lr {spec.lr} on {files['expert_' + name].name} "
                            "-> save_pretrained")
-                info = train_lora(base_ref, splits.expert_train[name], expert_dirs[name], spec,
+                info = train_lora(base, base_tokenizer, splits.expert_train[name], expert_dirs[name], spec,
                                   seed=seed, label=f"expert {name}")
                 info.update({"group": group, "layers": None if spec.layers is None else list(spec.layers),
                              "lr": spec.lr})
@@ -217,7 +220,7 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         expert_dirs["general"] = work / "experts" / "general"
         steps.note("PEFT: the pre-merged general expert, trained on all single-intent data")
         general_spec = replace(profile.expert, steps=profile.general_steps)
-        info = train_lora(base_ref, splits.general_train(), expert_dirs["general"], general_spec, seed=seed,
+        info = train_lora(base, base_tokenizer, splits.general_train(), expert_dirs["general"], general_spec, seed=seed,
                           label="expert general")
         info.update({"group": "general", "layers": None, "lr": general_spec.lr})
         info.update(_add_expert(registry, steps, expert_dirs["general"], "general", "general", base_ref,
@@ -272,11 +275,11 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         t = time.perf_counter()
         from atmoe.demo import evaluate as ev
 
-        results, extra = ev.evaluate_methods(base_ref, expert_dirs, trained, tokenizer, splits, console=console)
+        results, extra = ev.evaluate_methods(base, expert_dirs, trained, tokenizer, splits, console=console)
         routing = {m: ev.routing_accuracy(trained[m], tokenizer, splits.test) for m in trained}
         sweep = ev.temperature_sweep(trained["atmoe"], tokenizer, splits.test, TEMPERATURES,
                                      trained_temperature=1.0, console=console)
-        diagnostics = {"expert_own_task": ev.expert_own_accuracy(base_ref, expert_dirs, splits),
+        diagnostics = {"expert_own_task": ev.expert_own_accuracy(base, tokenizer, expert_dirs, splits),
                        "oracle_routing_atmoe": ev.oracle_routing(trained["atmoe"], tokenizer, splits.test),
                        "forced_intended_full": ev.oracle_routing(trained["atmoe"], tokenizer, splits.test,
                                                                  weight=1.0)}
