@@ -23,6 +23,9 @@ from atmoe.freeze import freeze_all_but_routers
 from atmoe.routing import group_totals
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of a router training run; recorded with the router."""
@@ -40,6 +43,12 @@ class TrainConfig:
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (--weight-decay)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm, 0 disables (--max-grad-norm)"})
+    schedule: str = field(
+        default="cosine", metadata={"help": "learning-rate schedule after warm-up: cosine or linear decay to 0, or constant (--schedule)"}
+    )
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "share of the optimizer steps spent warming the learning rate up from 0 (--warmup-ratio)"}
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +61,8 @@ class TrainConfig:
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),
             (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
             (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
+            (self.schedule in SCHEDULES, "--schedule must be " + ", ".join(SCHEDULES)),
+            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be >= 0 and < 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -59,6 +70,25 @@ class TrainConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def lr_factor(schedule: str, warmup_ratio: float, total_steps: int):
+    """The learning-rate multiplier of optimizer step ``step`` (0-based) as a function: a linear warm-up
+    from 0 over ``warmup_ratio`` of the steps, then ``schedule`` (cosine or linear decay to 0, or constant).
+    A decayed rate makes the router the run ends on a settled one, not wherever the last noisy step left it."""
+    warmup = int(warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 @dataclass
@@ -196,7 +226,10 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
         generator=generator,
         collate_fn=lambda items: collate(items, pad_token_id=pad, expert_index=expert_index),
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    optimizer_steps = config.epochs * math.ceil(len(loader) / config.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.schedule, config.warmup_ratio, optimizer_steps))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     inner = accelerator.unwrap_model(model)
     device = accelerator.device
     use_routing_loss = config.routing_loss_weight > 0 and any(e.intents for e in train)
@@ -227,6 +260,7 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
                     if config.max_grad_norm and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, config.max_grad_norm)
                     optimizer.step()
+                    scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 tokens_seen += int(batch["attention_mask"].sum())
                 epoch_loss += float(loss.detach())

@@ -63,18 +63,22 @@ def _with_router(ref: str, router: str | None) -> str:
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
 @click.option("--routing-loss-weight", type=float, default=0.5, show_default=True,
               help="Weight of the auxiliary routing loss on examples with intents.")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
+              help="Learning-rate schedule after the warm-up.")
+@click.option("--warmup-ratio", type=float, default=0.05, show_default=True,
+              help="Share of the optimizer steps spent warming the learning rate up.")
 @click.option("--alias", help="Point this alias (e.g. prod) at the new router.")
 @click.option("--notes", help="Free text recorded with the router.")
 @base_option
 @json_option
 def train_router(ref, data, eval_data, epochs, lr, batch_size, max_length, grad_accum, seed, device, mixed_precision,
-                 routing_loss_weight, alias, notes, base_model, as_json) -> None:
+                 routing_loss_weight, schedule, warmup_ratio, alias, notes, base_model, as_json) -> None:
     """Train the routers of a composition (experts frozen) and record them as its next router."""
     from atmoe.training import TrainConfig
 
     config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, grad_accum=grad_accum,
                          seed=seed, device=device, mixed_precision=mixed_precision,
-                         routing_loss_weight=routing_loss_weight)
+                         routing_loss_weight=routing_loss_weight, schedule=schedule, warmup_ratio=warmup_ratio)
     registry = get_registry()
     trained = registry.train_router(ref, data=data, eval_data=eval_data, config=config, alias=alias, notes=notes,
                                     progress=True, console=output.console(), base_model=base_model)

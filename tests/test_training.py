@@ -61,10 +61,28 @@ def test_routing_loss_pulls_towards_intents_and_reaches_only_routers(model):
 @pytest.mark.parametrize(
     ("field", "value", "flag"),
     [("epochs", 0, "--epochs"), ("lr", -1.0, "--lr"), ("batch_size", 0, "--batch-size"),
-     ("mixed_precision", "fp8", "--mixed-precision"), ("routing_loss_weight", -1.0, "--routing-loss-weight")],
+     ("mixed_precision", "fp8", "--mixed-precision"), ("routing_loss_weight", -1.0, "--routing-loss-weight"),
+     ("schedule", "step", "--schedule"), ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio")],
 )
 def test_config_names_the_flag(field, value, flag):
     from atmoe.errors import UsageError
 
     with pytest.raises(UsageError, match=flag):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_factor_warms_up_then_follows_the_schedule(schedule):
+    from atmoe.training import lr_factor
+
+    factor = lr_factor(schedule, 0.1, 100)
+    values = [factor(step) for step in range(100)]
+    assert values[0] < values[5] < values[9] <= 1.0  # warm-up over the first 10 steps
+    assert values[10] == pytest.approx(1.0)
+    after = values[10:]
+    assert all(b <= a for a, b in zip(after, after[1:]))  # never rises after the warm-up
+    if schedule == "constant":
+        assert values[-1] == 1.0
+    else:
+        assert values[-1] < 0.05  # decays to (nearly) 0 by the last step
+    assert lr_factor(schedule, 0.0, 10)(0) == pytest.approx(1.0)  # no warm-up: the full rate at once
