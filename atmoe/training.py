@@ -22,7 +22,6 @@ from atmoe.errors import UsageError
 from atmoe.freeze import freeze_all_but_routers
 from atmoe.routing import group_totals
 
-
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -327,7 +326,13 @@ def _progress(enabled: bool, console):
     if not enabled:
         return _NoProgress()
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),

@@ -10,9 +10,8 @@ import json
 import math
 
 import pytest
-from click.testing import CliRunner
-
 from atmoe.cli import main
+from click.testing import CliRunner
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +42,10 @@ def test_demo_quick_writes_a_finite_report(tmp_path):
     # the quick profile places each group's experts on its own block (PEFT layers_to_transform)
     assert {report["experts"][name]["layers"][0] for name in ("count", "animal", "loud")} == {0, 1, 2}
     assert report["experts"]["general"]["layers"] is None
+    # the quick profile trains each router method once; its per-run numbers are the reported ones
+    for method in ("flat_router", "shared_router", "atmoe"):
+        assert len(report["routers"][method]["routers"]) == 1
+        assert report["method_details"][method]["eval_loss_per_seed"] == [report["methods"][method]["eval_loss"]]
     assert (out / "report.md").read_text().startswith("# atmoe-reg demo report")
     assert (out / "routing_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the demo's catalog holds the experts and one router per composition

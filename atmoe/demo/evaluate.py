@@ -76,6 +76,9 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
                      ) -> tuple[dict[str, dict], dict]:
     """Every method of the report on the held-out composite set ``splits.test``.
 
+    ``trained`` maps each router method to its trained models, one per router seed; a router method is
+    reported by the mean over its runs (the runs themselves in the extra details).
+
     The best single expert is chosen by eval loss on the validation split (``router_eval``), never on
     the test set. Returns ({method: {"eval_loss", "accuracy", "samples"}}, extra details).
     """
@@ -99,7 +102,7 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
         results["general_only"] = evaluate(_peft_alone(base, expert_dirs["general"]), tokenizer, splits.test)
         extra["general_only"] = {"how": "the general adapter alone through PEFT (lambda = 0)"}
         advance()
-        model = trained["atmoe"]
+        model = trained["atmoe"][0]  # forced weights: the router plays no part
         uniform = {name: 1.0 / len(model.expert_names) for name in model.expert_names}
         with model.forced_routing(uniform):
             results["uniform_mixture"] = evaluate(model, tokenizer, splits.test)
@@ -107,7 +110,12 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
                                            f"lambda {model.atmoe_config.lam} and the general expert as composed"}
         advance()
         for method in ("flat_router", "shared_router", "atmoe"):
-            results[method] = evaluate(trained[method], tokenizer, splits.test)
+            runs = [evaluate(m, tokenizer, splits.test) for m in trained[method]]
+            results[method] = {"eval_loss": sum(r["eval_loss"] for r in runs) / len(runs),
+                               "accuracy": sum(r["accuracy"] for r in runs) / len(runs), "samples": runs[0]["samples"]}
+            extra[method] = {"eval_loss_per_seed": [r["eval_loss"] for r in runs],
+                             "accuracy_per_seed": [r["accuracy"] for r in runs],
+                             "how": f"mean over {len(runs)} router training run(s), seeds in order"}
             advance()
     for method, r in results.items():
         extra.setdefault(method, {})["samples"] = r.pop("samples")

@@ -231,5 +231,4 @@ def digest(examples: list[dict]) -> str:
 
 def write_jsonl(path, examples: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex) + "\n")
+        f.writelines(json.dumps(ex) + "\n" for ex in examples)
