@@ -276,6 +276,10 @@ def test_malformed_training_data_and_forced_weights(catalog: dict[str, Any], sna
         cases.append((f"data: {label}", ("train-router", "med", "--data", path), 1, f"{path.name}:{line}:"))
     cases += [
         ("data: no such file", ("train-router", "med", "--data", catalog["root"] / "none.jsonl"), 1, "no such file"),
+        ("schedule: unknown", ("train-router", "med", "--data", catalog["root"] / "none.jsonl", "--schedule", "step"), 2,
+         "--schedule"),
+        ("warm-up: whole run", ("train-router", "med", "--data", catalog["root"] / "none.jsonl", "--warmup-ratio", "1"),
+         2, "--warmup-ratio must be >= 0 and < 1"),
         ("force: unknown expert", ("route", "med", "hi", "--force", "nobody=1"), 2, "not an expert of med@1"),
         ("force: negative weight", ("route", "med", "hi", "--force", "dx=-1"), 2, ">= 0"),
         ("force: not finite", ("route", "med", "hi", "--force", "dx=inf"), 2, "finite"),
