@@ -84,7 +84,8 @@ PLACEMENT = {"functional": (0,), "style": (1,), "domain": (2,)}
 # Lambda (the routed experts' share; the general expert gets 1 - lambda), the start of the learned
 # per-block lambda of every composition: 0.9, chosen on the validation split (router_eval, never test)
 # among 0.5, 0.75, 0.9 for all router methods alike (quick suite, cosine schedule, 30 epochs). Validation
-# eval loss, mean over router seeds 0, 1, 2: AT-MoE 0.94 at 0.5 vs 0.58 at 0.9; flat router 0.68 at both.
+# eval loss, mean over router seeds 0, 1, 2: AT-MoE 0.94 at 0.5 vs 0.58 at 0.9; flat router 0.68 at both
+# (0.75, seed 0 only: AT-MoE 0.67, flat 0.72).
 # Started at 0.5, the general expert took over the functional block (lambda there fell to about 0.26)
 # before the routers had learned to give the functional group its weight, and stayed in that basin.
 LAMBDA = 0.9
@@ -102,7 +103,8 @@ QUICK = Profile(
 # reached exact match 0 (quick-sized base: 0.29 on the validation composites, same suite); see report.md.
 # Router budget (every router method alike, chosen on the validation split router_eval, never test): 12
 # epochs at lr 1e-2 left the routers under-trained; lr 3e-2 with a cosine decay gave the lowest validation
-# loss for every router method among 3e-3, 1e-2, 3e-2 (quick suite, 30 epochs).
+# loss for every router method among 3e-3, 1e-2, 3e-2 (quick suite, 30 epochs). The quick profile runs 20
+# epochs to stay under its 5 minutes; the default runs 20 on its larger router set.
 DEFAULT = Profile(
     name="default", suite=tasks.DEFAULT_SUITE, base=QUICK.base, expert=QUICK.expert,
     general_steps=1400, n_expert=1000, n_router=1080, n_router_eval=180, n_test=540, router_epochs=20,
