@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from statistics import fmean
+
 from atmoe.demo.report import _compare
 
 
 def _report(ours: list[float], other: list[float]) -> dict:
-    mean = lambda xs: sum(xs) / len(xs)
-    return {"methods": {"atmoe": {"eval_loss": mean(ours)}, "flat_router": {"eval_loss": mean(other)},
+    return {"methods": {"atmoe": {"eval_loss": fmean(ours)}, "flat_router": {"eval_loss": fmean(other)},
                         "uniform_mixture": {"eval_loss": 5.0}},
             "method_details": {"atmoe": {"eval_loss_per_seed": ours}, "flat_router": {"eval_loss_per_seed": other}}}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import fmean
 
 import torch
 
@@ -77,10 +78,12 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
     """Every method of the report on the held-out composite set ``splits.test``.
 
     ``trained`` maps each router method to its trained models, one per router seed; a router method is
-    reported by the mean over its runs (the runs themselves in the extra details).
+    reported by the mean over its runs, routing accuracy included (the runs themselves in the extra
+    details).
 
     The best single expert is chosen by eval loss on the validation split (``router_eval``), never on
-    the test set. Returns ({method: {"eval_loss", "accuracy", "samples"}}, extra details).
+    the test set. Returns ({method: {"eval_loss", "accuracy", "samples"} (+ "routing_accuracy" for the
+    router methods)}, extra details).
     """
     from atmoe.demo.progress import progress_bar
 
@@ -111,11 +114,15 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
         advance()
         for method in ("flat_router", "shared_router", "atmoe"):
             runs = [evaluate(m, tokenizer, splits.test) for m in trained[method]]
-            results[method] = {"eval_loss": sum(r["eval_loss"] for r in runs) / len(runs),
-                               "accuracy": sum(r["accuracy"] for r in runs) / len(runs), "samples": runs[0]["samples"]}
             extra[method] = {"eval_loss_per_seed": [r["eval_loss"] for r in runs],
                              "accuracy_per_seed": [r["accuracy"] for r in runs],
+                             "routing_accuracy_per_seed": [routing_accuracy(m, tokenizer, splits.test)
+                                                           for m in trained[method]],
                              "how": f"mean over {len(runs)} router training run(s), seeds in order"}
+            results[method] = {"eval_loss": fmean(extra[method]["eval_loss_per_seed"]),
+                               "accuracy": fmean(extra[method]["accuracy_per_seed"]),
+                               "routing_accuracy": fmean(extra[method]["routing_accuracy_per_seed"]),
+                               "samples": runs[0]["samples"]}
             advance()
     for method, r in results.items():
         extra.setdefault(method, {})["samples"] = r.pop("samples")

@@ -59,8 +59,8 @@ class Profile:
     learn_lambda: bool = False
     # Task-design choice (disclosed in the report): which blocks each group's experts adapt (PEFT
     # layers_to_transform). None = every block. With disjoint placements only one group has deltas in a
-    # block, so a per-block router can give that group weight ~1 there and each expert acts at full
-    # strength in its own blocks; a router shared by all blocks cannot. The general expert is full-depth.
+    # block, so a router can give that group weight ~1 there and each expert acts at full strength in its
+    # own blocks. The general expert is full-depth.
     placement: dict | None = None
     seed: int = 0
 
@@ -298,11 +298,7 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         from atmoe.demo import evaluate as ev
 
         results, extra = ev.evaluate_methods(base, expert_dirs, trained, tokenizer, splits, console=console)
-        routing_runs = {m: [ev.routing_accuracy(model, tokenizer, splits.test) for model in models]
-                        for m, models in trained.items()}
-        routing = {m: sum(runs) / len(runs) for m, runs in routing_runs.items()}
-        for m, runs in routing_runs.items():
-            extra[m]["routing_accuracy_per_seed"] = runs
+        routing = {m: results[m].pop("routing_accuracy") for m in trained}
         first = trained["atmoe"][0]
         sweep = ev.temperature_sweep(first, tokenizer, splits.test, TEMPERATURES, trained_temperature=1.0,
                                      console=console)

@@ -35,7 +35,7 @@ def verdict(report: dict) -> dict:
 
 
 def _compare(report: dict, ours: str, other: str) -> str:
-    """"better", "worse" or "a tie" for ``ours`` against ``other`` on held-out eval loss. With several runs of
+    """"yes", "no" or "a tie": does ``ours`` beat ``other`` on held-out eval loss? With several runs of
     each router method, a difference counts only when it exceeds the larger of the two methods' spreads
     (max - min over runs): a gap inside the training noise is no answer either way."""
     m, details = report["methods"], report.get("method_details", {})
@@ -146,7 +146,7 @@ def _router_runs(report: dict) -> str:
     for m in methods:
         losses = details[m]["eval_loss_per_seed"]
         rows.append(f"| {LABELS[m]} | " + " | ".join(f"{x:.4f}" for x in losses)
-                    + f" | {sum(losses) / len(losses):.4f} |")
+                    + f" | {report['methods'][m]['eval_loss']:.4f} |")
     wins = sum(all(a < details[m]["eval_loss_per_seed"][i] for m in methods if m != "atmoe")
                for i, a in enumerate(details["atmoe"]["eval_loss_per_seed"]))
     return (f"Every router method was trained {len(seeds)} time(s), one run per router seed (every run is a router "
