@@ -242,7 +242,7 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
     started = time.perf_counter()
     tokens_seen = 0
     with _progress(progress, console) as bar:
-        task = bar.add_task("router", total=total_steps, loss=float("nan"), tps=0.0) if bar else None
+        task = bar.add_task("router", total=total_steps, stats="") if bar else None
         for epoch in range(config.epochs):
             model.train()
             epoch_loss = epoch_lm = 0.0
@@ -267,7 +267,7 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
                 epoch_batches += 1
                 if bar:
                     elapsed = max(time.perf_counter() - started, 1e-9)
-                    bar.update(task, advance=1, loss=lm_loss, tps=tokens_seen / elapsed,
+                    bar.update(task, advance=1, stats=f"loss {lm_loss:.4f} {tokens_seen / elapsed:.0f} tok/s",
                                description=f"router epoch {epoch + 1}/{config.epochs}")
             history.append({
                 "epoch": epoch + 1,
@@ -305,7 +305,7 @@ def _calibrate(model, inner, loader, accelerator, *, progress: bool, console) ->
     model.eval()
     with inner.calibrating_router_inputs(reduce=lambda t: accelerator.reduce(t, "sum")), \
             _progress(progress, console) as bar:
-        task = bar.add_task("router inputs", total=len(loader), loss=float("nan"), tps=0.0) if bar else None
+        task = bar.add_task("router inputs", total=len(loader), stats="") if bar else None  # no loss here
         for batch in loader:
             batch = {k: v for k, v in batch.items() if k != "intent_mask"}
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -338,8 +338,7 @@ def _progress(enabled: bool, console):
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TextColumn("{task.fields[stats]}"),  # loss and speed of training steps; empty for calibration
         TimeElapsedColumn(),
         console=console or Console(stderr=True),
     )

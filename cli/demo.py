@@ -24,13 +24,14 @@ def demo(ctx: click.Context, quick: bool, out_dir: str, demo_home: str | None, b
     """Build a base model and experts, register, compose, train routers, evaluate, report.
 
     Downloads nothing. Compares AT-MoE with base, best single expert, general only, uniform mixture,
-    flat router and shared router on held-out composite instructions.
+    flat router and shared router on held-out composite instructions; the default profile also routes
+    the same experts in other group layouts (one group, mixed kinds, one expert per group).
     """
     from pathlib import Path
 
     from atmoe.cli.app import _state
     from atmoe.demo.pipeline import run_demo
-    from atmoe.demo.report import rich_table
+    from atmoe.demo.report import layout_table, rich_table
 
     home = demo_home or _state(ctx).home
     report = run_demo(Path(out_dir), quick=quick, home=Path(home) if home else None, base_model=base_model, seed=seed)
@@ -38,6 +39,9 @@ def demo(ctx: click.Context, quick: bool, out_dir: str, demo_home: str | None, b
         output.print_json(report)
         return
     output.stdout_console().print(rich_table(report))
+    layouts = layout_table(report)
+    if layouts is not None:
+        output.stdout_console().print(layouts)
     verdict = report["verdict"]
     output.message(("verdict: " if verdict["success"] else "verdict (goal NOT met): ") + verdict["summary"])
     output.message(f"wrote {Path(out_dir) / 'report.json'}, report.md, routing_heatmap.png "

@@ -113,20 +113,70 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
                                            f"lambda {model.atmoe_config.lam} and the general expert as composed"}
         advance()
         for method in ("flat_router", "shared_router", "atmoe"):
-            runs = [evaluate(m, tokenizer, splits.test) for m in trained[method]]
-            extra[method] = {"eval_loss_per_seed": [r["eval_loss"] for r in runs],
-                             "accuracy_per_seed": [r["accuracy"] for r in runs],
-                             "routing_accuracy_per_seed": [routing_accuracy(m, tokenizer, splits.test)
-                                                           for m in trained[method]],
-                             "how": f"mean over {len(runs)} router training run(s), seeds in order"}
-            results[method] = {"eval_loss": fmean(extra[method]["eval_loss_per_seed"]),
-                               "accuracy": fmean(extra[method]["accuracy_per_seed"]),
-                               "routing_accuracy": fmean(extra[method]["routing_accuracy_per_seed"]),
-                               "samples": runs[0]["samples"]}
+            results[method], extra[method] = router_runs(
+                trained[method], tokenizer, splits.test, lambda m: routing_accuracy(m, tokenizer, splits.test))
             advance()
     for method, r in results.items():
         extra.setdefault(method, {})["samples"] = r.pop("samples")
     return results, extra
+
+
+def router_runs(models: list, tokenizer, examples: list[dict], routing) -> tuple[dict, dict]:
+    """One router method's runs (one model per router seed) on ``examples``: (the means of eval loss,
+    exact match and ``routing(model)``, with the first run's samples; the per-run values)."""
+    runs = [evaluate(m, tokenizer, examples) for m in models]
+    details = {"eval_loss_per_seed": [r["eval_loss"] for r in runs],
+               "accuracy_per_seed": [r["accuracy"] for r in runs],
+               "routing_accuracy_per_seed": [routing(m) for m in models],
+               "how": f"mean over {len(runs)} router training run(s), seeds in order"}
+    means = {"eval_loss": fmean(details["eval_loss_per_seed"]), "accuracy": fmean(details["accuracy_per_seed"]),
+             "routing_accuracy": fmean(details["routing_accuracy_per_seed"]), "samples": runs[0]["samples"]}
+    return means, details
+
+
+def evaluate_layouts(trained: dict[str, list], layouts: dict, tokenizer, examples: list[dict],
+                     suite_groups: dict[str, tuple[str, ...]]) -> dict[str, dict]:
+    """Every group layout's router runs on ``examples``; routing accuracy is scored with the suite's
+    groups (``suite_groups``: group -> suite expert names), whatever groups the layout routed with."""
+    from atmoe.demo.progress import progress_bar
+
+    group_of = {name: group for group, names in suite_groups.items() for name in names}
+    out = {}
+    with progress_bar("evaluate group layouts", len(trained)) as advance:
+        for name, models in trained.items():
+            means, details = router_runs(models, tokenizer, examples, lambda m, source=layouts[name].source:
+                                         routing_accuracy_by_groups(m, tokenizer, examples, group_of, names=source))
+            means.pop("samples")
+            out[name] = {**means, **details}
+            advance()
+    return out
+
+
+@torch.no_grad()
+def routing_accuracy_by_groups(model, tokenizer, examples: list[dict], groups: dict[str, str], *,
+                               names: dict[str, str] | None = None, batch_size: int = 128) -> float:
+    """Routing accuracy scored with the groups ``groups`` (suite expert -> group), not the model's own:
+    the share of ``examples`` whose top expert, among the experts of each intended expert's group
+    (weights averaged over blocks, routing on the prompt), is the intended one. ``names`` maps the
+    model's expert names to suite expert names (the same names when None). With ``groups`` the model's
+    own groups, this is ``atmoe.training.evaluate``'s routing accuracy."""
+    names = names or {n: n for n in model.expert_names}
+    suite = [names[n] for n in model.expert_names]
+    index = {name: i for i, name in enumerate(suite)}
+    members = {g: [index[n] for n in suite if groups[n] == g] for g in set(groups.values())}
+    model.eval()
+    hits = 0
+    for start in range(0, len(examples), batch_size):
+        items = examples[start:start + batch_size]
+        batch = collate(tokenizer, items)
+        prompt_mask = batch.pop("prompt_mask")
+        batch.pop("labels")
+        model(**batch, routing_mask=prompt_mask)
+        mean = torch.stack([w.mean(1) if w.dim() == 3 else w for _, w in model.last_routing_tensors()]).mean(0)
+        for weights, ex in zip(mean.tolist(), items):
+            hits += all(max(members[groups[intent]], key=weights.__getitem__) == index[intent]
+                        for intent in ex["intents"])
+    return hits / max(len(examples), 1)
 
 
 def _examples(items: list[dict]):

@@ -28,6 +28,8 @@ from pathlib import Path
 from atmoe.demo import tasks
 from atmoe.demo.base import BaseSpec
 from atmoe.demo.experts import ExpertSpec
+from atmoe.demo.layouts import DESCRIPTION as LAYOUT_DESCRIPTION
+from atmoe.demo.layouts import LAYOUTS, make_layout
 from atmoe.demo.progress import console
 
 METHODS = ("base", "best_single_expert", "general_only", "uniform_mixture", "flat_router",
@@ -62,6 +64,9 @@ class Profile:
     # block, so a router can give that group weight ~1 there and each expert acts at full strength in its
     # own blocks. The general expert is full-depth.
     placement: dict | None = None
+    # group layouts compared with the suite's own (atmoe.demo.layouts): the same experts grouped otherwise,
+    # each trained router_seeds times like the router methods
+    layouts: tuple[str, ...] = ()
     seed: int = 0
 
     def expert_spec(self, group: str) -> ExpertSpec:
@@ -108,7 +113,7 @@ QUICK = Profile(
 DEFAULT = Profile(
     name="default", suite=tasks.DEFAULT_SUITE, base=QUICK.base, expert=QUICK.expert,
     general_steps=1400, n_expert=1000, n_router=1080, n_router_eval=180, n_test=540, router_epochs=20,
-    router_seeds=3, router_lr=3e-2, lam=LAMBDA, learn_lambda=True, placement=PLACEMENT)
+    router_seeds=3, router_lr=3e-2, lam=LAMBDA, learn_lambda=True, placement=PLACEMENT, layouts=LAYOUTS)
 
 
 def real_model_profile(profile: Profile) -> Profile:
@@ -116,7 +121,7 @@ def real_model_profile(profile: Profile) -> Profile:
     return replace(profile, expert=replace(profile.expert, steps=min(profile.expert.steps, 60), batch_size=8),
                    general_steps=min(profile.general_steps, 120), n_router=min(profile.n_router, 96),
                    n_router_eval=min(profile.n_router_eval, 24), n_test=min(profile.n_test, 48),
-                   router_epochs=1, router_batch=8, router_seeds=1,
+                   router_epochs=1, router_batch=8, router_seeds=1, layouts=(),
                    placement=None)  # the block placement is for the demo's 3-block base; full depth here
 
 
@@ -270,28 +275,50 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
             record, _ = registry.compose(name=v["name"], groups=list(tasks.GROUP_ORDER), general="general",
                                          lam=profile.lam, learn_lambda=profile.learn_lambda, router=v["router"], shared_router=v["shared_router"],
                                          description=f"atmoe-reg demo: {method}")
-            trained[method] = []
-            router_info[method] = {"composition": record["ref"], "routers": [], "n_groups": record["n_groups"],
-                                   "n_max": record["n_max"]}
-            for run in range(profile.router_seeds):
-                config = replace(train_config, seed=seed + run)
-                steps.command("train-router", record["ref"], "--data", str(files["router_train"]),
-                              "--eval", str(files["router_eval"]), "--epochs", str(config.epochs),
-                              "--lr", str(config.lr), "--batch-size", str(config.batch_size),
-                              "--max-length", str(config.max_length),
-                              "--routing-loss-weight", str(config.routing_loss_weight),
-                              "--schedule", config.schedule, "--warmup-ratio", str(config.warmup_ratio),
-                              "--seed", str(config.seed), "--device", "cpu")
-                result = registry.train_router(record["ref"], data=files["router_train"], eval_data=files["router_eval"],
-                                               config=config, console=console,
-                                               notes=f"atmoe-reg demo ({profile.name}): {method}, seed {config.seed}")
-                trained[method].append(result.built.model)
-                tokenizer = result.built.tokenizer
-                router_info[method]["routers"].append({"router": result.record.get("ref"), "seed": config.seed,
-                                                       "metrics": result.record.get("metrics")})
+            trained[method], tokenizer, runs = _train_routers(
+                registry, steps, record["ref"], files["router_train"], files["router_eval"], train_config,
+                profile.router_seeds, f"atmoe-reg demo ({profile.name}): {method}")
             # the first run's router is the one the route/generate commands and the heatmap show
-            router_info[method]["router"] = router_info[method]["routers"][0]["router"]
+            router_info[method] = {"composition": record["ref"], "routers": runs, "router": runs[0]["router"],
+                                   "n_groups": record["n_groups"], "n_max": record["n_max"]}
         steps.timed(f"compose + train-router x{3 * profile.router_seeds}", t)
+
+        # 4b. group layouts: the same experts grouped otherwise ------------------------------------
+        layouts = {name: make_layout(name, profile.suite.groups) for name in profile.layouts}
+        layout_runs: dict[str, list] = {}
+        layout_info: dict[str, dict] = {}
+        t = time.perf_counter()
+        for name, layout in layouts.items():
+            steps.note(f"group layout {name}: {LAYOUT_DESCRIPTION[name]}; the same adapters registered again "
+                       "under this layout's names and groups (new catalog rows, the same blobs)")
+            for group, members in layout.groups.items():
+                if group not in known_groups:
+                    registry.add_group(group)
+                    known_groups.add(group)
+                    steps.command("groups", "--add", group)
+                for member in members:
+                    source = layout.source[member]
+                    _add_expert(registry, steps, expert_dirs[source], member, group, base_ref,
+                                files["expert_" + source], kind=experts_info[source]["group"])
+            data = {}
+            for key in ("router_train", "router_eval"):
+                data[key] = work / "data" / f"{key}.{name}.jsonl"
+                tasks.write_jsonl(data[key], [layout.rename(ex) for ex in getattr(splits, key)])
+            composition = f"demo-{layout.name.replace('_', '-')}"
+            argv = ["compose", "--name", composition, "--groups", ",".join(layout.groups), "--general", "general",
+                    "--lambda", str(profile.lam)]
+            steps.command(*argv, *(["--learn-lambda"] if profile.learn_lambda else []))
+            record, _ = registry.compose(name=composition, groups=list(layout.groups), general="general",
+                                         lam=profile.lam, learn_lambda=profile.learn_lambda,
+                                         description=f"atmoe-reg demo: group layout {name}")
+            layout_runs[name], _, runs = _train_routers(
+                registry, steps, record["ref"], data["router_train"], data["router_eval"], train_config,
+                profile.router_seeds, f"atmoe-reg demo ({profile.name}): group layout {name}")
+            layout_info[name] = {"composition": record["ref"], "routers": runs, "n_groups": record["n_groups"],
+                                 "n_max": record["n_max"], "groups": {g: list(v) for g, v in layout.groups.items()},
+                                 "data": {k: str(v) for k, v in data.items()}}
+        if layouts:
+            steps.timed(f"group layouts: compose + train-router x{len(layouts) * profile.router_seeds}", t)
 
         # 5. evaluation ----------------------------------------------------------------------
         t = time.perf_counter()
@@ -299,6 +326,18 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
 
         results, extra = ev.evaluate_methods(base, expert_dirs, trained, tokenizer, splits, console=console)
         routing = {m: results[m].pop("routing_accuracy") for m in trained}
+        group_layouts = {}
+        if layouts:
+            group_layouts["intent_groups"] = {
+                **results["atmoe"], "routing_accuracy": routing["atmoe"], **extra["atmoe"],
+                "composition": router_info["atmoe"]["composition"], "routers": router_info["atmoe"]["routers"],
+                "n_groups": router_info["atmoe"]["n_groups"], "n_max": router_info["atmoe"]["n_max"],
+                "groups": {g: list(v) for g, v in profile.suite.groups.items()}}
+            scored = ev.evaluate_layouts(layout_runs, layouts, tokenizer, splits.test, profile.suite.groups)
+            for name, info in layout_info.items():
+                group_layouts[name] = {**scored[name], **info}
+            for info in group_layouts.values():
+                info.pop("samples", None)
         first = trained["atmoe"][0]
         sweep = ev.temperature_sweep(first, tokenizer, splits.test, TEMPERATURES, trained_temperature=1.0,
                                      console=console)
@@ -324,6 +363,7 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         "routing_accuracy": routing["atmoe"],
         "temperature_sweep": sweep,
         "routing_accuracy_by_method": routing,
+        "group_layouts": group_layouts,
         "method_details": extra,
         "diagnostics": diagnostics,
         "verdict": None,
@@ -347,15 +387,41 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
     return report
 
 
-def _add_expert(registry, steps: Steps, path: Path, name: str, group: str, base_ref: str, data_file: Path) -> dict:
-    description = f"demo expert '{name}' ({group}), PEFT LoRA on {data_file.name}"
+def _train_routers(registry, steps: Steps, ref: str, data: Path, eval_data: Path, config, seeds: int,
+                   notes: str) -> tuple[list, object, list[dict]]:
+    """Train ``seeds`` routers of composition ``ref`` (seeds config.seed, config.seed + 1, ...), each
+    recorded as a router version; returns (their models, the tokenizer, one record per run)."""
+    models, runs, tokenizer = [], [], None
+    for run in range(seeds):
+        run_config = replace(config, seed=config.seed + run)
+        steps.command("train-router", ref, "--data", str(data), "--eval", str(eval_data),
+                      "--epochs", str(run_config.epochs), "--lr", str(run_config.lr),
+                      "--batch-size", str(run_config.batch_size), "--max-length", str(run_config.max_length),
+                      "--routing-loss-weight", str(run_config.routing_loss_weight),
+                      "--schedule", run_config.schedule, "--warmup-ratio", str(run_config.warmup_ratio),
+                      "--seed", str(run_config.seed), "--device", "cpu")
+        result = registry.train_router(ref, data=data, eval_data=eval_data, config=run_config, console=console,
+                                       notes=f"{notes}, seed {run_config.seed}")
+        models.append(result.built.model)
+        tokenizer = result.built.tokenizer
+        runs.append({"router": result.record.get("ref"), "seed": run_config.seed,
+                     "metrics": result.record.get("metrics")})
+    return models, tokenizer, runs
+
+
+def _add_expert(registry, steps: Steps, path: Path, name: str, group: str, base_ref: str, data_file: Path, *,
+                kind: str | None = None) -> dict:
+    """add-expert ``path`` as ``name`` in ``group``; ``kind`` (default ``group``), the suite group the
+    expert serves, gives its domain or style facet."""
+    description = f"demo expert '{name}' ({kind or group}), PEFT LoRA on {data_file.name}"
     argv = ["add-expert", str(path), "--name", name, "--group", group, "--base-model", base_ref,
             "--description", description, "--tag", "source=atmoe-demo"]
     facet = {}
-    if group == "domain":
+    kind = kind or group
+    if kind == "domain":
         facet["domain"] = name
         argv += ["--domain", name]
-    if group == "style":
+    if kind == "style":
         facet["style"] = name
         argv += ["--style", name]
     steps.command(*argv)

@@ -35,12 +35,17 @@ def verdict(report: dict) -> dict:
 
 
 def _compare(report: dict, ours: str, other: str) -> str:
-    """"yes", "no" or "a tie": does ``ours`` beat ``other`` on held-out eval loss? With several runs of
-    each router method, a difference counts only when it exceeds the larger of the two methods' spreads
-    (max - min over runs): a gap inside the training noise is no answer either way."""
+    """"yes", "no" or "a tie": does method ``ours`` beat method ``other`` on held-out eval loss?"""
     m, details = report["methods"], report.get("method_details", {})
-    gap = m[other]["eval_loss"] - m[ours]["eval_loss"]
-    runs = [details.get(k, {}).get("eval_loss_per_seed", []) for k in (ours, other)]
+    return _beats(*((m[k]["eval_loss"], details.get(k, {}).get("eval_loss_per_seed", [])) for k in (ours, other)))
+
+
+def _beats(ours: tuple[float, list[float]], other: tuple[float, list[float]]) -> str:
+    """"yes", "no" or "a tie": does ``ours`` (mean eval loss, the runs behind it) beat ``other``? With
+    several runs of each, a difference counts only when it exceeds the larger of the two spreads (max - min
+    over runs): a gap inside the training noise is no answer either way."""
+    gap = other[0] - ours[0]
+    runs = [ours[1], other[1]]
     spread = max((max(r) - min(r) for r in runs if len(r) > 1), default=0.0)
     if abs(gap) <= spread:
         return f"a tie on this suite: the gap {abs(gap):.4f} is inside the spread of the router runs, {spread:.4f}"
@@ -58,6 +63,7 @@ def _answers(report: dict) -> list[str]:
         f"{m['atmoe']['eval_loss']:.4f} vs flat router {m['flat_router']['eval_loss']:.4f} "
         f"({_compare(report, 'atmoe', 'flat_router')}); vs the uniform mixture "
         f"{m['uniform_mixture']['eval_loss']:.4f} ({_compare(report, 'atmoe', 'uniform_mixture')})."
+        + _plain_moe(report)
     )
     lines.append(
         f"- Do layer-wise routers help? per-block {m['atmoe']['eval_loss']:.4f} vs one shared router "
@@ -80,14 +86,86 @@ def _answers(report: dict) -> list[str]:
             "Where all are close to it, the routers already do what these experts allow, and the comparison "
             "between router designs is decided by how well the experts compose, not by the routers."
         )
-    layout = ", ".join(f"{g}: {len(v)}" for g, v in report["profile"]["suite"].items() if isinstance(v, list))
-    lines.append(
-        f"- How many groups and experts per group are best? Groups: one group of all experts (the flat "
-        f"router, {m['flat_router']['eval_loss']:.4f}) vs the suite's three groups (AT-MoE, "
-        f"{m['atmoe']['eval_loss']:.4f}; {_compare(report, 'atmoe', 'flat_router')}). Experts per group: this run composes one layout ({layout}); "
-        "other group sizes are not compared here."
-    )
+    lines.append(_layout_answer(report))
     return lines
+
+
+def _plain_moe(report: dict) -> str:
+    """AT-MoE against the plain MoEs of the group layouts (one softmax over all experts, no groups)."""
+    layouts = report.get("group_layouts") or {}
+    if "one_group" not in layouts or "solo_groups" not in layouts:
+        return ""
+    ours = layouts["intent_groups"]
+    answers = {k: _beats((ours["eval_loss"], ours["eval_loss_per_seed"]),
+                         (layouts[k]["eval_loss"], layouts[k]["eval_loss_per_seed"])) for k in ("one_group", "solo_groups")}
+    text = (" The flat router of the table is one softmax over all experts, but its routing loss is still told "
+            "which expert of each group is intended (the ratio of each intended expert's weight to its group's). "
+            "A plain MoE that knows no groups is one group of all experts (see 'Group layouts'): with the intents "
+            f"supervising its one softmax, {layouts['one_group']['eval_loss']:.4f} (does AT-MoE beat it? "
+            f"{answers['one_group']}); trained by the language-model loss alone (one expert per group), "
+            f"{layouts['solo_groups']['eval_loss']:.4f} ({answers['solo_groups']}).")
+    flat = _compare(report, "atmoe", "flat_router")
+    if all(a.startswith("yes") for a in answers.values()) and not flat.startswith("yes"):
+        text += (" So on this suite what grouping buys is the groups' structure in what the router is taught, "
+                 "not the router's two stages: a flat softmax given the same groups in its loss does "
+                 + ("as well." if flat.startswith("a tie") else "better."))
+    return text
+
+
+def _layout_answer(report: dict) -> str:
+    layouts = report.get("group_layouts") or {}
+    question = "- How many groups and experts per group are best?"
+    if not layouts:
+        return (f"{question} Not measured in this run: the default profile (not --quick) routes the same "
+                "experts in four group layouts (one group of all, the suite's groups, the suite's group sizes "
+                "with kinds mixed, one expert per group) and answers this.")
+    ours = layouts["intent_groups"]
+    parts = []
+    for name, info in layouts.items():
+        if name != "intent_groups":
+            answer = _beats((ours["eval_loss"], ours["eval_loss_per_seed"]),
+                            (info["eval_loss"], info["eval_loss_per_seed"]))
+            parts.append(f"{_shape(info)} {LAYOUT_LABELS[name]} {info['eval_loss']:.4f} "
+                         f"(do the suite's groups beat it? {answer})")
+    best = min(layouts, key=lambda k: layouts[k]["eval_loss"])
+    return (f"{question} With these {sum(len(v) for v in ours['groups'].values())} experts: the suite's own "
+            f"groups ({_shape(ours)}, one per intent kind) {ours['eval_loss']:.4f} vs " + "; ".join(parts)
+            + f". Lowest mean: {LAYOUT_LABELS[best]}. See 'Group layouts' for what each layout lets the "
+            "intents teach.")
+
+
+LAYOUT_LABELS = {"intent_groups": "the suite's groups", "one_group": "one group of all experts",
+                 "mixed_groups": "kinds mixed in each group", "solo_groups": "one expert per group"}
+
+
+def _shape(info: dict) -> str:
+    return f"{info['n_groups']} x {info['n_max']}"
+
+
+def _layouts(report: dict) -> str:
+    """The group-layout comparison: the same experts, grouped in other ways, each routed by AT-MoE."""
+    layouts = report.get("group_layouts") or {}
+    if not layouts:
+        return "Not run in this profile (the default profile runs it)."
+    rows = ["| layout | N_G x N_M | groups | eval loss (mean) | eval loss per run | exact match | routing accuracy |",
+            "|---|---|---|---:|---|---:|---:|"]
+    for name, info in layouts.items():
+        groups = "; ".join(f"{g}: {', '.join(v)}" for g, v in info["groups"].items())
+        runs = ", ".join(f"{x:.4f}" for x in info["eval_loss_per_seed"])
+        rows.append(f"| {LAYOUT_LABELS[name]} (`{name}`) | {_shape(info)} | {groups} | {info['eval_loss']:.4f} | "
+                    f"{runs} | {info['accuracy']:.3f} | {info['routing_accuracy']:.3f} |")
+    return ("The same trained experts (and the same general expert, lambda start, placement and router recipe), "
+            "partitioned into groups in four ways, each routed by per-block grouped routers and trained "
+            f"{len(next(iter(layouts.values()))['eval_loss_per_seed'])} time(s). Other layouts register the same "
+            "adapters again under their own names and groups (the same blobs). The routing loss can only say "
+            "which expert inside a group is intended, so the layout decides what the intents teach: with the "
+            "suite's groups each group holds one intended expert; with one group of all experts (a plain MoE) "
+            "the three intended experts share one softmax and the loss pulls each towards 1/3 in every block, "
+            "although each block's deltas belong to one group's experts; with kinds mixed, some groups hold two "
+            "or three intended experts; with one expert per group there is nothing to choose inside a group, so "
+            "the intents teach nothing and the router learns from the language-model loss alone. Routing "
+            "accuracy is scored with the suite's groups for every layout (the top expert among each intended "
+            "expert's functional / domain / style peers, weights averaged over blocks).\n\n" + "\n".join(rows))
 
 
 def _diagnostics(report: dict) -> str:
@@ -213,6 +291,10 @@ shared {routing.get('shared_router', float('nan')):.3f}.
 
 {_choices(report)}
 
+## Group layouts: how many groups, how many experts per group
+
+{_layouts(report)}
+
 ## The paper's open questions, on this suite
 
 {chr(10).join(_answers(report))}
@@ -247,4 +329,22 @@ def rich_table(report: dict):
         r = routing.get(key)
         table.add_row(label, f"[{style}]{loss:.4f}[/]" if style else f"{loss:.4f}", f"{m[key]['accuracy']:.3f}",
                       f"{r:.3f}" if r is not None else "")
+    return table
+
+
+def layout_table(report: dict):
+    """The group-layout comparison as a rich table; None when this run compared no layouts."""
+    from rich.table import Table
+
+    layouts = report.get("group_layouts") or {}
+    if not layouts:
+        return None
+    best_loss = min(v["eval_loss"] for v in layouts.values())
+    table = Table(title="group layouts: the same experts grouped otherwise, per-block grouped routers")
+    for column in ("layout", "N_G x N_M", "eval loss", "accuracy", "routing acc."):
+        table.add_column(column, justify="left" if column == "layout" else "right")
+    for name, info in layouts.items():
+        loss = f"{info['eval_loss']:.4f}"
+        table.add_row(LAYOUT_LABELS[name], _shape(info), f"[bold green]{loss}[/]" if info["eval_loss"] == best_loss
+                      else loss, f"{info['accuracy']:.3f}", f"{info['routing_accuracy']:.3f}")
     return table
