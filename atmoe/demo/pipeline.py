@@ -12,6 +12,10 @@ step by hand. Methods compared on held-out composite instructions:
 - ``flat_router``: the same experts with one flat softmax over all experts per block;
 - ``shared_router``: the grouped router, one for all blocks;
 - ``atmoe``: grouped routers, one per block (the paper's design).
+
+The default profile also routes the same experts in other group layouts (``atmoe.demo.layouts``: one
+group of all experts, the suite's group sizes with the kinds mixed, one expert per group), each with
+AT-MoE's per-block grouped routers and recipe: the paper's "how many groups, how many experts per group".
 """
 
 from __future__ import annotations
@@ -299,7 +303,7 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
                 for member in members:
                     source = layout.source[member]
                     _add_expert(registry, steps, expert_dirs[source], member, group, base_ref,
-                                files["expert_" + source], kind=experts_info[source]["group"])
+                                files["expert_" + source], kind=experts_info[source]["group"], intent=source)
             data = {}
             for key in ("router_train", "router_eval"):
                 data[key] = work / "data" / f"{key}.{name}.jsonl"
@@ -410,20 +414,19 @@ def _train_routers(registry, steps: Steps, ref: str, data: Path, eval_data: Path
 
 
 def _add_expert(registry, steps: Steps, path: Path, name: str, group: str, base_ref: str, data_file: Path, *,
-                kind: str | None = None) -> dict:
-    """add-expert ``path`` as ``name`` in ``group``; ``kind`` (default ``group``), the suite group the
-    expert serves, gives its domain or style facet."""
-    description = f"demo expert '{name}' ({kind or group}), PEFT LoRA on {data_file.name}"
+                kind: str | None = None, intent: str | None = None) -> dict:
+    """add-expert ``path`` as ``name`` in ``group``. ``kind`` (default ``group``) is the suite group the
+    expert serves and ``intent`` (default ``name``) its intent word: a domain or style expert gets it as
+    its domain or style facet, whatever name and group a layout gives it."""
+    kind, intent = kind or group, intent or name
+    serves = kind if intent == name else f"{kind} {intent}"
+    description = f"demo expert '{name}' ({serves}), PEFT LoRA on {data_file.name}"
     argv = ["add-expert", str(path), "--name", name, "--group", group, "--base-model", base_ref,
             "--description", description, "--tag", "source=atmoe-demo"]
     facet = {}
-    kind = kind or group
-    if kind == "domain":
-        facet["domain"] = name
-        argv += ["--domain", name]
-    if kind == "style":
-        facet["style"] = name
-        argv += ["--style", name]
+    if kind in ("domain", "style"):
+        facet[kind] = intent
+        argv += [f"--{kind}", intent]
     steps.command(*argv)
     expert, created = registry.add_expert(path, name=name, group=group, base_model=base_ref,
                                           description=description, tags={"source": "atmoe-demo"},
