@@ -217,8 +217,8 @@ def _router_runs(report: dict) -> str:
     if len(seeds) == 1:
         return ("Every router method was trained once (router seed "
                 f"{seeds[0]}): one draw of the routers' training noise. The default profile trains each three "
-                "times; there the runs of one method spread by about 0.02 in eval loss, so differences between router "
-                "methods smaller than that are not evidence either way.")
+                "times; there the runs of one method spread by up to 0.01 to 0.02 in eval loss (measured in two "
+                "environments), so differences between router methods smaller than that are not evidence either way.")
     rows = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
             "|---|" + "---:|" * (len(seeds) + 1)]
     for m in methods:
@@ -241,7 +241,8 @@ def _choices(report: dict) -> str:
             "and the learning rate were chosen on the validation split (router_eval, never test) for all router "
             "methods alike: with lambda starting at 0.5 the general expert took over the functional block before "
             "the routers had learned to weight that group (validation loss, mean of 3 router seeds, quick suite: "
-            "AT-MoE 0.94 at 0.5 vs 0.58 at 0.9; flat router 0.68 at both).")
+            "AT-MoE 0.94 at 0.5 vs 0.58 at 0.9; flat router 0.68 at both; measured when the choice was made, with "
+            "earlier package releases than this run's).")
 
 
 def write_markdown(report: dict, path: Path) -> None:
