@@ -1,4 +1,5 @@
-"""The end-to-end demo (`atmoe-reg demo --quick`): runs the real command into a temp folder.
+"""The end-to-end demo (`atmoe-reg demo --quick`): runs the real command into a temp folder; and the
+default profile's group-layout comparison on tiny budgets.
 
 The quick profile takes about 4 minutes on 2 CPU cores. It is marked slow so that README's everyday
 test command stays at a few minutes; `.ci/run` runs the slow tests too (`pytest -m slow`).
@@ -63,3 +64,37 @@ def test_demo_help_lists_its_options():
     assert result.exit_code == 0
     for option in ("--quick", "--out", "--home", "--base-model"):
         assert option in result.output
+
+
+def test_group_layouts_on_a_tiny_profile(tmp_path, monkeypatch):
+    """The default profile's layout comparison, end to end on tiny budgets (seconds, not minutes): every
+    layout is registered (the same blobs under its own names), composed, trained per seed and scored."""
+    from dataclasses import replace
+
+    from atmoe.registry.registry import Registry
+
+    from atmoe.demo import pipeline, tasks
+    from atmoe.demo.layouts import LAYOUTS
+
+    tiny = replace(pipeline.QUICK, suite=tasks.DEFAULT_SUITE, base=replace(pipeline.QUICK.base, pretrain_steps=40),
+                   expert=replace(pipeline.QUICK.expert, steps=20), general_steps=20, n_expert=40, n_router=48,
+                   n_router_eval=16, n_test=24, router_epochs=1, router_seeds=2, layouts=LAYOUTS)
+    monkeypatch.setattr(pipeline, "QUICK", tiny)
+    home = tmp_path / "home"
+    report = pipeline.run_demo(tmp_path / "out", quick=True, home=home)
+    layouts = report["group_layouts"]
+    assert list(layouts) == ["intent_groups", *LAYOUTS]
+    shapes = {name: (info["n_groups"], info["n_max"]) for name, info in layouts.items()}
+    assert shapes == {"intent_groups": (3, 3), "one_group": (1, 8), "mixed_groups": (3, 3), "solo_groups": (8, 1)}
+    for name, info in layouts.items():
+        assert len(info["eval_loss_per_seed"]) == len(info["routers"]) == 2, name
+        assert math.isfinite(info["eval_loss"]) and 0.0 <= info["routing_accuracy"] <= 1.0, name
+    assert layouts["intent_groups"]["eval_loss"] == report["methods"]["atmoe"]["eval_loss"]
+    with Registry.open(home=home) as registry:
+        experts = {e.name: e for e in registry.list_experts()}
+        assert experts["animal-mixed"].digest == experts["animal"].digest  # the same adapter, a new row
+        assert [e.name for e in registry.list_experts(domain="animal")] == ["animal", "animal-mixed", "animal-one",
+                                                                           "animal-solo"]
+        assert len(registry.routers("demo-solo-groups")) == 2
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| one group of all experts (`one_group`) | 1 x 8 |" in text

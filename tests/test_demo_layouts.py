@@ -80,21 +80,25 @@ def _randomise_routers(model, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=generator) * 2.0)
 
 
-def test_routing_accuracy_by_groups_is_the_toolkits_with_the_models_own_groups(tiny):
+def test_routing_accuracy_is_the_toolkits_with_the_models_own_groups(tiny):
     from atmoe import build_atmoe
-    from atmoe.demo.evaluate import routing_accuracy, routing_accuracy_by_groups
+    from atmoe.data import parse_example
+    from atmoe.demo.evaluate import routing_accuracy
+    from atmoe.training import evaluate
 
     base, tokenizer, paths, examples = tiny
     model = build_atmoe(copy.deepcopy(base), {g: {n: paths[n] for n in names} for g, names in SUITE.items()})
     _randomise_routers(model, 0)
-    ours = routing_accuracy_by_groups(model, tokenizer, examples, KIND)
-    assert ours == routing_accuracy(model, tokenizer, examples)
+    ours = routing_accuracy(model, tokenizer, examples)
+    toolkit = evaluate(model, tokenizer, [parse_example(ex) for ex in examples], batch_size=16, max_length=128)
+    assert ours == toolkit["routing_accuracy"]
+    assert routing_accuracy(model, tokenizer, examples, KIND) == ours  # the suite's groups are the model's here
     assert 0.0 < ours < 1.0  # random routers: some hits, some misses, so the comparison means something
 
 
-def test_routing_accuracy_by_groups_scores_a_layout_with_the_suite_groups(tiny):
+def test_routing_accuracy_scores_a_layout_with_the_suite_groups(tiny):
     from atmoe import build_atmoe
-    from atmoe.demo.evaluate import routing_accuracy_by_groups
+    from atmoe.demo.evaluate import routing_accuracy
 
     base, tokenizer, paths, examples = tiny
     layout = make_layout("solo_groups", SUITE)
@@ -103,8 +107,8 @@ def test_routing_accuracy_by_groups_scores_a_layout_with_the_suite_groups(tiny):
     intended = examples[0]["intents"]
     # forced weights on the intended experts: every intended expert tops its suite group
     with model.forced_routing({f"{n}-solo": 1.0 for n in intended}):
-        assert routing_accuracy_by_groups(model, tokenizer, examples[:1], KIND, names=layout.source) == 1.0
+        assert routing_accuracy(model, tokenizer, examples[:1], KIND, names=layout.source) == 1.0
     # forced on a wrong expert of the functional group: a miss, although each solo group has one expert
     wrong = next(n for n in SUITE["functional"] if n != intended[0])
     with model.forced_routing({f"{wrong}-solo": 1.0, f"{intended[1]}-solo": 1.0, f"{intended[2]}-solo": 1.0}):
-        assert routing_accuracy_by_groups(model, tokenizer, examples[:1], KIND, names=layout.source) == 0.0
+        assert routing_accuracy(model, tokenizer, examples[:1], KIND, names=layout.source) == 0.0

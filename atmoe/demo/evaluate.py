@@ -113,21 +113,23 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
                                            f"lambda {model.atmoe_config.lam} and the general expert as composed"}
         advance()
         for method in ("flat_router", "shared_router", "atmoe"):
-            results[method], extra[method] = router_runs(
-                trained[method], tokenizer, splits.test, lambda m: routing_accuracy(m, tokenizer, splits.test))
+            results[method], extra[method] = router_runs(trained[method], tokenizer, splits.test)
             advance()
     for method, r in results.items():
         extra.setdefault(method, {})["samples"] = r.pop("samples")
     return results, extra
 
 
-def router_runs(models: list, tokenizer, examples: list[dict], routing) -> tuple[dict, dict]:
+def router_runs(models: list, tokenizer, examples: list[dict], groups: dict[str, str] | None = None,
+                names: dict[str, str] | None = None) -> tuple[dict, dict]:
     """One router method's runs (one model per router seed) on ``examples``: (the means of eval loss,
-    exact match and ``routing(model)``, with the first run's samples; the per-run values)."""
+    exact match and routing accuracy (``routing_accuracy`` with ``groups`` and ``names``), with the first
+    run's samples; the per-run values)."""
     runs = [evaluate(m, tokenizer, examples) for m in models]
     details = {"eval_loss_per_seed": [r["eval_loss"] for r in runs],
                "accuracy_per_seed": [r["accuracy"] for r in runs],
-               "routing_accuracy_per_seed": [routing(m) for m in models],
+               "routing_accuracy_per_seed": [routing_accuracy(m, tokenizer, examples, groups, names=names)
+                                             for m in models],
                "how": f"mean over {len(runs)} router training run(s), seeds in order"}
     means = {"eval_loss": fmean(details["eval_loss_per_seed"]), "accuracy": fmean(details["accuracy_per_seed"]),
              "routing_accuracy": fmean(details["routing_accuracy_per_seed"]), "samples": runs[0]["samples"]}
@@ -144,8 +146,7 @@ def evaluate_layouts(trained: dict[str, list], layouts: dict, tokenizer, example
     out = {}
     with progress_bar("evaluate group layouts", len(trained)) as advance:
         for name, models in trained.items():
-            means, details = router_runs(models, tokenizer, examples, lambda m, source=layouts[name].source:
-                                         routing_accuracy_by_groups(m, tokenizer, examples, group_of, names=source))
+            means, details = router_runs(models, tokenizer, examples, group_of, names=layouts[name].source)
             means.pop("samples")
             out[name] = {**means, **details}
             advance()
@@ -153,13 +154,14 @@ def evaluate_layouts(trained: dict[str, list], layouts: dict, tokenizer, example
 
 
 @torch.no_grad()
-def routing_accuracy_by_groups(model, tokenizer, examples: list[dict], groups: dict[str, str], *,
-                               names: dict[str, str] | None = None, batch_size: int = 128) -> float:
-    """Routing accuracy scored with the groups ``groups`` (suite expert -> group), not the model's own:
-    the share of ``examples`` whose top expert, among the experts of each intended expert's group
-    (weights averaged over blocks, routing on the prompt), is the intended one. ``names`` maps the
-    model's expert names to suite expert names (the same names when None). With ``groups`` the model's
-    own groups, this is ``atmoe.training.evaluate``'s routing accuracy."""
+def routing_accuracy(model, tokenizer, examples: list[dict], groups: dict[str, str] | None = None, *,
+                     names: dict[str, str] | None = None, batch_size: int = 128) -> float:
+    """The share of ``examples`` whose top expert, among the experts of each intended expert's group
+    (weights averaged over blocks, routing on the prompt), is the intended one: with the model's own
+    groups (``groups`` None) this is ``atmoe.training.evaluate``'s routing accuracy. ``groups`` (suite
+    expert -> group) scores a model with other groups, a group layout, by the suite's; ``names`` maps
+    the model's expert names to suite expert names (the same names when None)."""
+    groups = groups or dict(model.expert_groups)
     names = names or {n: n for n in model.expert_names}
     suite = [names[n] for n in model.expert_names]
     index = {name: i for i, name in enumerate(suite)}
@@ -177,21 +179,6 @@ def routing_accuracy_by_groups(model, tokenizer, examples: list[dict], groups: d
             hits += all(max(members[groups[intent]], key=weights.__getitem__) == index[intent]
                         for intent in ex["intents"])
     return hits / max(len(examples), 1)
-
-
-def _examples(items: list[dict]):
-    from atmoe.data import parse_example
-
-    return [parse_example(ex) for ex in items]
-
-
-def routing_accuracy(model, tokenizer, examples: list[dict]) -> float:
-    """Share of ``examples`` whose top expert in every group (weights averaged over blocks) is the
-    intended one; computed by ``atmoe.training.evaluate`` on the prompt-pooled routing."""
-    from atmoe.training import evaluate as toolkit_evaluate
-
-    metrics = toolkit_evaluate(model, tokenizer, _examples(examples), batch_size=64, max_length=128)
-    return float(metrics["routing_accuracy"])
 
 
 def temperature_sweep(model, tokenizer, examples: list[dict], temperatures, *, trained_temperature: float,

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 LAYOUTS = ("one_group", "mixed_groups", "solo_groups")
 SUFFIX = {"one_group": "one", "mixed_groups": "mixed", "solo_groups": "solo"}
-DESCRIPTION = {
-    "intent_groups": "one group per intent kind (the suite's groups; AT-MoE)",
-    "one_group": "every expert in one group (a plain MoE)",
-    "mixed_groups": "the suite's group sizes, each group mixing intent kinds",
+LABELS = {
+    "intent_groups": "the suite's groups",  # one group per intent kind: AT-MoE as the demo composes it
+    "one_group": "one group of all experts",
+    "mixed_groups": "kinds mixed in each group",
     "solo_groups": "one expert per group",
 }
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from atmoe.demo import tasks
 from atmoe.demo.base import BaseSpec
 from atmoe.demo.experts import ExpertSpec
-from atmoe.demo.layouts import DESCRIPTION as LAYOUT_DESCRIPTION
+from atmoe.demo.layouts import LABELS as LAYOUT_LABELS
 from atmoe.demo.layouts import LAYOUTS, make_layout
 from atmoe.demo.progress import console
 
@@ -293,7 +293,7 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         layout_info: dict[str, dict] = {}
         t = time.perf_counter()
         for name, layout in layouts.items():
-            steps.note(f"group layout {name}: {LAYOUT_DESCRIPTION[name]}; the same adapters registered again "
+            steps.note(f"group layout {name} ({LAYOUT_LABELS[name]}): the same adapters registered again "
                        "under this layout's names and groups (new catalog rows, the same blobs)")
             for group, members in layout.groups.items():
                 if group not in known_groups:
@@ -332,16 +332,15 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         routing = {m: results[m].pop("routing_accuracy") for m in trained}
         group_layouts = {}
         if layouts:
+            atmoe_runs = {k: v for k, v in extra["atmoe"].items() if k != "samples"}
             group_layouts["intent_groups"] = {
-                **results["atmoe"], "routing_accuracy": routing["atmoe"], **extra["atmoe"],
+                **results["atmoe"], "routing_accuracy": routing["atmoe"], **atmoe_runs,
                 "composition": router_info["atmoe"]["composition"], "routers": router_info["atmoe"]["routers"],
                 "n_groups": router_info["atmoe"]["n_groups"], "n_max": router_info["atmoe"]["n_max"],
                 "groups": {g: list(v) for g, v in profile.suite.groups.items()}}
             scored = ev.evaluate_layouts(layout_runs, layouts, tokenizer, splits.test, profile.suite.groups)
             for name, info in layout_info.items():
                 group_layouts[name] = {**scored[name], **info}
-            for info in group_layouts.values():
-                info.pop("samples", None)
         first = trained["atmoe"][0]
         sweep = ev.temperature_sweep(first, tokenizer, splits.test, TEMPERATURES, trained_temperature=1.0,
                                      console=console)

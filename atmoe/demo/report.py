@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from atmoe.demo.layouts import LABELS as LAYOUT_LABELS
+
 LABELS = {
     "base": "base model alone",
     "best_single_expert": "best single expert (PEFT)",
@@ -132,10 +134,6 @@ def _layout_answer(report: dict) -> str:
             f"groups ({_shape(ours)}, one per intent kind) {ours['eval_loss']:.4f} vs " + "; ".join(parts)
             + f". Lowest mean: {LAYOUT_LABELS[best]}. See 'Group layouts' for what each layout lets the "
             "intents teach.")
-
-
-LAYOUT_LABELS = {"intent_groups": "the suite's groups", "one_group": "one group of all experts",
-                 "mixed_groups": "kinds mixed in each group", "solo_groups": "one expert per group"}
 
 
 def _shape(info: dict) -> str:
