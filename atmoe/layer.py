@@ -29,9 +29,6 @@ try:  # GPT-2 style layers: weight [in, out], y = x @ W + b
 except ImportError:  # pragma: no cover - transformers is a dependency, but keep layer.py importable
     Conv1D = None  # type: ignore[assignment, misc]
 
-# one small integer per distinct stack signature, so that scale rows are cached by an int key
-_STACK_IDS: dict[tuple, int] = {}
-
 
 @dataclass(frozen=True)
 class LoraPiece:
@@ -61,9 +58,13 @@ class BlockRouting:
         self.coefficients: Tensor | None = None
         self.layers: list[MixtureLoraLinear] = []
         self._rows: dict[tuple[int, torch.dtype], Tensor] = {}
+        # one small integer per distinct stack signature among this block's layers: the scale-row key
+        self._stack_ids: dict[tuple, int] = {}
 
-    def add_layer(self, layer: "MixtureLoraLinear") -> None:
+    def add_layer(self, layer: "MixtureLoraLinear", signature: tuple) -> int:
+        """Register ``layer``; returns the id of its stack (layers with equal signatures share rows)."""
         self.layers.append(layer)
+        return self._stack_ids.setdefault(signature, len(self._stack_ids))
 
     def set(self, coefficients: Tensor) -> None:
         self.coefficients = coefficients
@@ -131,9 +132,8 @@ class MixtureLoraLinear(nn.Module):
             "rank_scale", torch.tensor(scales, dtype=torch.float32, device=weight.device), persistent=False
         )
         signature = tuple((p.column, r, p.scale) for p, r in zip(pieces, ranks))
-        self.stack_id = _STACK_IDS.setdefault(signature, len(_STACK_IDS))
         self.columns = sorted({p.column for p in pieces})
-        routing.add_layer(self)
+        self.stack_id = routing.add_layer(self, signature)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         super()._apply(fn, recurse)

@@ -1,25 +1,28 @@
 """``AtMoEModel``: a transformers model whose adapted linears are mixture layers, plus its routers.
 
-The wrapper adds no forward logic of its own; it works through two kinds of forward pre-hooks:
+The routing state belongs to the request, and the request is ours: ``forward`` and ``generate`` take
+the user's ``input_ids``, ``attention_mask`` and ``routing_mask`` themselves and open a ``_Request``
+that the routers read. Nothing is read out of the base model's own forward arguments, whose names
+and shapes change between transformers releases (5.24 passes its cache as ``cache=`` and no 2-D
+mask). A forward pre-hook on each routed transformer block turns the block's input hidden states
+into routing weights and hands them, as coefficients, to the block's ``BlockRouting``.
 
-- on the base model: capture the request (its attention mask, and whether a KV cache already holds
-  tokens, i.e. whether this is a decode step). ``model(...)`` and ``model.generate(...)`` both reach
-  the base model's ``forward``, so both are seen.
-- on each routed transformer block: turn the block's input hidden states into routing weights and
-  hand them, as coefficients, to the block's ``BlockRouting`` that its mixture layers read.
-
-Sequence routing pools the prompt's hidden states with the attention mask at the first forward of a
-request and keeps the weights for the decode steps that follow (so a KV cache works); token routing
-routes every token of every forward.
+- ``model(...)`` routes every call (training, evaluation).
+- ``model.generate(...)`` (and ``with model.request(...)`` for a hand-written decode loop) routes
+  the first forward of the request, the prompt, and holds that routing for every later forward of
+  the request: sequence routing keeps the prompt's weights for the decode steps, whatever the cache
+  argument is called; token routing routes each new token on its own hidden state.
+- Sequence routing pools over the request's ``routing_mask``, else its ``attention_mask`` (left or
+  right padding), else all tokens.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -31,15 +34,38 @@ from atmoe.router import FlatRouter, GroupedRouter, InputStandardizer
 from atmoe.routing import group_totals, pool_hidden
 
 
-def _cache_length(past: Any) -> int:
-    """Tokens already held by a KV cache (a transformers Cache or a legacy tuple); 0 for none."""
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    if isinstance(past, (tuple, list)) and past and past[0] is not None and len(past[0]) > 0:
-        return int(past[0][0].shape[-2])
-    return 0
+
+@dataclass
+class _Request:
+    """One request as the routers see it.
+
+    ``mask`` [B, T] marks the prompt tokens that sequence routing pools over (None: every token).
+    ``hold``: route the request's first forward and hold that routing for its later forwards
+    (decode steps). ``routed`` holds the indices of the blocks that have routed in this request.
+    """
+
+    mask: Tensor | None
+    hold: bool
+    routed: set[int] = field(default_factory=set)
+
+
+def _request_mask(attention_mask: Any, routing_mask: Any, input_ids: Any) -> Tensor | None:
+    """The user's routing mask, else attention mask, as [B, T]; None when neither is given.
+
+    It must be 2-D and have a row per row of ``input_ids`` (``RoutingError`` otherwise)."""
+    mask = routing_mask if routing_mask is not None else attention_mask
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        raise RoutingError("routing_mask / attention_mask must be a [batch, tokens] tensor for routing")
+    if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and (
+        mask.shape[0] != input_ids.shape[0] or mask.shape[1] < input_ids.shape[1]
+    ):
+        raise RoutingError(
+            f"the routing mask is {tuple(mask.shape)} but input_ids are {tuple(input_ids.shape)}; "
+            "pass the attention mask of these input_ids"
+        )
+    return mask
 
 
 class AtMoEModel(nn.Module):
@@ -91,7 +117,6 @@ class AtMoEModel(nn.Module):
         self.routers = nn.ModuleList([make_router() for _ in range(n_routers)]).to(device)
         # per block even when the router is shared: each block's residual stream has its own scale
         self.router_inputs = nn.ModuleList([InputStandardizer(hidden_size) for _ in range(self.num_blocks)]).to(device)
-        self._input_moments: list[list[Any] | None] | None = None  # set while calibrating
         if config.learn_lambda:
             start = math.log(config.lam / (1.0 - config.lam))  # logit(lambda)
             self.lambda_logits = nn.ParameterList(
@@ -101,36 +126,74 @@ class AtMoEModel(nn.Module):
             self.lambda_logits = None
 
         self._forced: Tensor | None = None
-        self._routing_mask: Tensor | None = None
-        self._mask: Tensor | None = None
-        self._decoding = False
+        self._request: _Request | None = None
         self._last: list[tuple[Tensor, Tensor, Tensor | None] | None] = [None] * self.num_blocks
-        self._signature = inspect.signature(base_model.forward)
-        self._hooks = [base_model.register_forward_pre_hook(self._capture_request, with_kwargs=True)]
-        modules = dict(base_model.named_modules())
-        for index, path in enumerate(block_paths):
+        self._blocks = [dict(base_model.named_modules())[path] for path in block_paths]
+        self._hooks = []
+        for index, block in enumerate(self._blocks):
             # a partial of a bound method, not a closure: copy.deepcopy(model) then hooks the copy
             hook = functools.partial(self._block_hook, index)
-            self._hooks.append(modules[path].register_forward_pre_hook(hook, with_kwargs=True))
+            self._hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
 
     # ------------------------------------------------------------------ the base model's surface
 
-    def forward(self, *args: Any, routing_mask: Tensor | None = None, **kwargs: Any) -> Any:
-        """Exactly the base model's forward (same arguments, same outputs).
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        routing_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Exactly the base model's forward (same arguments, same outputs); routes on every call.
 
         ``routing_mask`` [B, T] (optional) marks the tokens that sequence routing pools over, instead
         of the attention mask: router training passes the prompt tokens, so that a request is routed
-        in training exactly as it is at inference, where only the prompt exists.
+        in training exactly as it is at inference, where only the prompt exists. Inside
+        ``request(...)`` (and ``generate``) the request's own mask and held routing apply instead.
         """
-        self._routing_mask = routing_mask
-        try:
-            return self.base_model(*args, **kwargs)
-        finally:
-            self._routing_mask = None
+        if self._request is not None and self._request.hold:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self._requesting(_Request(_request_mask(attention_mask, routing_mask, input_ids), hold=False)):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``generate``; the hooks route the prompt and reuse it for decoding."""
-        return self.base_model.generate(*args, **kwargs)
+    def generate(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        routing_mask: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's ``generate``: the prompt is routed once and its routing held for every
+        decode step (sequence routing; token routing routes each new token)."""
+        _request_mask(attention_mask, routing_mask, input_ids)  # a mask that does not fit: refused first
+        with self.request(attention_mask=attention_mask, routing_mask=routing_mask):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @contextmanager
+    def request(
+        self, *, attention_mask: Tensor | None = None, routing_mask: Tensor | None = None
+    ) -> Iterator["AtMoEModel"]:
+        """One request: its first forward (the prompt, [B, T] like the mask) is routed, and every later
+        forward inside reuses that routing; for a hand-written decode loop over a KV cache.
+
+        Requests do not nest: a second ``request`` inside the first raises ``RoutingError``.
+        """
+        if self._request is not None:
+            raise RoutingError("a request is already open on this model; requests do not nest")
+        self._invalidate()
+        with self._requesting(_Request(_request_mask(attention_mask, routing_mask, None), hold=True)):
+            yield self
+        self._invalidate()
+
+    @contextmanager
+    def _requesting(self, request: _Request) -> Iterator[_Request]:
+        self._request = request
+        try:
+            yield request
+        finally:
+            self._request = None
 
     @property
     def config(self) -> Any:
@@ -155,23 +218,31 @@ class AtMoEModel(nn.Module):
 
     # ------------------------------------------------------------------ hooks
 
-    def _capture_request(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        arguments = self._signature.bind_partial(*args, **kwargs).arguments if args else kwargs
-        mask = self._routing_mask if self._routing_mask is not None else arguments.get("attention_mask")
-        self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        self._decoding = _cache_length(arguments.get("past_key_values")) > 0
-
     def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._route(index, hidden)
+        self._route(index, _block_input(args, kwargs))
 
-    def _token_mask(self, hidden: Tensor) -> Tensor | None:
-        """The captured attention mask's columns for these tokens [B, T], or None when it does not fit."""
-        mask = self._mask
-        batch, tokens = hidden.shape[0], hidden.shape[1]
-        if mask is None or mask.shape[0] != batch or mask.shape[1] < tokens:
+    def _token_mask(self, index: int, hidden: Tensor) -> Tensor | None:
+        """The request's mask for the tokens of ``hidden`` [B, T, D] entering block ``index``: [B, T].
+
+        None means every token counts: no mask was given, or this is a decode step of a held request
+        (its new tokens are all real). A mask wider than the tokens spans a KV cache's past tokens and
+        the new ones (transformers' convention): its last columns are taken. ``generate`` expands a
+        batch for beams or several sequences per prompt with ``repeat_interleave``; the mask is
+        expanded alike. A mask that does not fit raises ``RoutingError``, never pools the wrong tokens.
+        """
+        request = self._request
+        if request is None or request.mask is None or (request.hold and index in request.routed):
             return None
-        return mask[:, -tokens:]
+        mask = request.mask.to(hidden.device)
+        batch, tokens = hidden.shape[0], hidden.shape[1]
+        if request.hold and batch != mask.shape[0] and mask.shape[0] and batch % mask.shape[0] == 0:
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)                 # [B, T]
+        if mask.shape[0] != batch or mask.shape[1] < tokens:
+            raise RoutingError(
+                f"the routing mask is {tuple(request.mask.shape)} but block inputs are [{batch}, {tokens}] "
+                "tokens; pass the attention mask of these input_ids"
+            )
+        return mask[:, -tokens:]  # with a KV cache the mask spans past + new tokens: the new ones are last
 
     def _lambda(self, index: int) -> Tensor | float:
         if self.lambda_logits is not None:
@@ -183,10 +254,16 @@ class AtMoEModel(nn.Module):
         routing = self._routings[index]
         batch = hidden.shape[0]
         sequence = self.atmoe_config.routing == "sequence"
+        request = self._request
         held = routing.coefficients
-        if self._decoding and (sequence or self._forced is not None) and held is not None and held.shape[0] == batch:
-            return  # a decode step: keep the prompt's weights (and their cached scale rows)
-        mask = self._token_mask(hidden)
+        if (
+            request is not None and request.hold and index in request.routed
+            and (sequence or self._forced is not None) and held is not None and held.shape[0] == batch
+        ):
+            return  # a later forward of a held request: keep the prompt's weights (and scale rows)
+        mask = self._token_mask(index, hidden)
+        if request is not None:
+            request.routed.add(index)
         if self._forced is not None:
             weights = self._forced.to(hidden.device).expand(batch, 1, -1)                # [B, 1, E]
             group_w = group_totals(weights, self.expert_group_index, self.n_groups)      # [B, 1, N_G]
@@ -197,57 +274,61 @@ class AtMoEModel(nn.Module):
             standardize = self.router_inputs[index]
             if sequence:
                 u = pool_hidden(hidden, mask)                                            # [B, D]
-                self._observe(index, u)
                 group_w, weights = router(standardize(u), temperature)                   # [B, N_G], [B, E]
                 self._last[index] = (group_w, weights, None)
                 weights = weights.unsqueeze(1)                                           # [B, 1, E]
             else:
-                self._observe(index, hidden, mask)
                 group_w, weights = router(standardize(hidden), temperature)              # [B, T, N_G], [B, T, E]
                 self._last[index] = (group_w, weights, mask)
         lam = self._lambda(index)
         general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)                 # [B, 1|T, 1]
         routing.set(torch.cat([lam * weights, general], dim=-1))                         # [B, 1|T, E+1]
 
-    def _observe(self, index: int, inputs: Tensor, mask: Tensor | None = None) -> None:
-        """While calibrating, add router inputs [B, D] (or [B, T, D] with mask [B, T]: the real
-        tokens) to block ``index``'s running moments. A no-op otherwise."""
-        if self._input_moments is None:
-            return
-        if mask is not None:
-            inputs = inputs[mask.bool()]                                                 # [N, D]
-        flat = inputs.detach().reshape(-1, inputs.shape[-1]).double()                    # [N, D]
-        moments = self._input_moments[index]
-        if moments is None:
-            self._input_moments[index] = [flat.sum(0), (flat * flat).sum(0), float(flat.shape[0])]
-        else:
-            moments[0] += flat.sum(0)
-            moments[1] += (flat * flat).sum(0)
-            moments[2] += float(flat.shape[0])
-
     @contextmanager
-    def calibrating_router_inputs(self, reduce=None) -> Iterator["AtMoEModel"]:
+    def calibrating_router_inputs(
+        self, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> Iterator["AtMoEModel"]:
         """Forwards inside collect every block's router inputs; on a clean exit each block's input
         standardisation becomes their per-feature mean and std (see ``InputStandardizer``).
 
-        ``reduce`` sums a tensor over processes (``accelerator.reduce(t, "sum")``) so that every
-        data-parallel rank calibrates alike. Forced routing bypasses the routers: nothing is seen.
+        The inputs are collected by observer hooks that live only inside this context, so routing
+        itself carries no calibration branch. ``reduce`` sums a tensor over processes
+        (``accelerator.reduce(t, "sum")``) so that every data-parallel rank calibrates alike.
+        Forced routing bypasses the routers: nothing is seen.
         """
-        self._input_moments = [None] * self.num_blocks
+        moments: list[_Moments] = [_Moments() for _ in range(self.num_blocks)]
+        observers = [
+            # prepended: it sees the block before the routing hook marks it routed for this request
+            block.register_forward_pre_hook(functools.partial(self._observe_hook, index, moments[index]),
+                                            with_kwargs=True, prepend=True)
+            for index, block in enumerate(self._blocks)
+        ]
         try:
             yield self
-            moments = self._input_moments
         finally:
-            self._input_moments = None
+            for observer in observers:
+                observer.remove()
         for standardize, seen in zip(self.router_inputs, moments):
-            if seen is None:
+            packed = seen.packed()
+            if packed is None:
                 continue
-            packed = torch.cat([seen[0], seen[1], seen[0].new_tensor([seen[2]])])        # [2D + 1]
             if reduce is not None:
                 packed = reduce(packed)
-            hidden = seen[0].shape[0]
+            hidden = (packed.shape[0] - 1) // 2
             standardize.set_from_moments(packed[:hidden], packed[hidden:2 * hidden], float(packed[-1]))
         self._invalidate()
+
+    def _observe_hook(self, index: int, moments: "_Moments", module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Add block ``index``'s router inputs of this forward to ``moments`` (while calibrating)."""
+        if self._forced is not None:
+            return
+        hidden = _block_input(args, kwargs)
+        mask = self._token_mask(index, hidden)
+        if self.atmoe_config.routing == "sequence":
+            inputs = pool_hidden(hidden, mask)                                           # [B, D]
+        else:
+            inputs = hidden[mask.bool()] if mask is not None else hidden                  # [N, D] | [B, T, D]
+        moments.add(inputs.detach())
 
     # ------------------------------------------------------------------ routing, read and forced
 
@@ -386,3 +467,32 @@ class AtMoEModel(nn.Module):
         """Change tau for the following forwards (``UsageError`` naming --temperature if not > 0)."""
         self.atmoe_config.temperature = check_temperature(temperature)
         self._invalidate()
+
+
+def _block_input(args: tuple, kwargs: dict) -> Tensor:
+    """A transformer block's input hidden states [B, T, D]: its first argument, by position or name."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _Moments:
+    """Running per-feature sums of router inputs (float64): sum, sum of squares, count."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.total_sq: Tensor | None = None
+        self.count = 0.0
+
+    def add(self, inputs: Tensor) -> None:
+        flat = inputs.reshape(-1, inputs.shape[-1]).double()                             # [N, D]
+        if self.total is None:
+            self.total, self.total_sq = flat.sum(0), (flat * flat).sum(0)
+        else:
+            self.total += flat.sum(0)
+            self.total_sq += (flat * flat).sum(0)
+        self.count += float(flat.shape[0])
+
+    def packed(self) -> Tensor | None:
+        """[2D + 1]: sum, sum of squares, count; None when nothing was seen."""
+        if self.total is None or self.total_sq is None:
+            return None
+        return torch.cat([self.total, self.total_sq, self.total.new_tensor([self.count])])

@@ -284,8 +284,15 @@ def test_bfloat16_model_keeps_float32_routers(llama, experts):
 def test_router_input_accepts_positional_calls_and_bert(llama, experts):
     model = compose(llama, experts)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    model(IDS, mask)                      # positional attention_mask is captured too
-    assert model._mask is mask
+    with torch.no_grad():
+        for param in model.router_parameters():
+            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
+    model(IDS, mask)                      # a positional attention_mask is the request's mask too
+    positional = model.last_routing()
+    model(input_ids=IDS, attention_mask=mask)
+    assert model.last_routing() == positional
+    model(input_ids=IDS)                  # without it every token is pooled: other weights
+    assert model.last_routing() != positional
     bert = make_tiny_bert()
     adapter = make_random_adapter(bert, r=2, target_modules=["query", "value"])
     composed = build_atmoe(copy.deepcopy(bert), {"g": {"q": adapter}})
