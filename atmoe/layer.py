@@ -11,7 +11,16 @@ whatever the number of experts, and never a [tokens, E, d] tensor:
     y = W0 x + h @ B_cat.T
 
 The general expert is just one more block of rows whose coefficient is (1 - lambda) instead of
-lambda w_e. The coefficients come from the block's ``BlockRouting``, which the block's router hook
+lambda w_e. Two exact extensions, paid only by the layers that need them:
+
+- ``lora_bias`` experts add c_e s_e b_e (PEFT scales lora_B's bias with the rest of lora_B's output):
+  one [B, 1|T, P] x [P, d] product over the P pieces that carry a bias.
+- DoRA experts rescale: with g_e = m_e / ||W0 + s_e B_e A_e|| (row norms, static in eval, as PEFT
+  detaches them) PEFT's expert alone computes W0 x + (g_e - 1) W0 x + g_e s_e B_e A_e x, so the
+  mixture is W0 x (1 + sum_e c_e (g_e - 1)) + sum_e c_e s_e (g_e B_e) A_e x: g_e is folded into
+  B_cat at build time, and the base output is rescaled by one [B, 1|T, P] x [P, d] product.
+
+``MixtureLoraEmbedding`` is the same two-matmul mixture on an ``nn.Embedding`` (lora_embedding_A/B). The coefficients come from the block's ``BlockRouting``, which the block's router hook
 fills once per forward; layers of a block that stack the same experts share one scale row.
 LoRA dropout is not applied (the experts are frozen: eval semantics).
 """
@@ -41,6 +50,8 @@ class LoraPiece:
     A: Tensor
     B: Tensor
     scale: float
+    bias: Tensor | None = None  # [d] lora_B's bias (lora_bias=True)
+    gain: Tensor | None = None  # [d] DoRA's g = m / ||W0 + s B A|| per output row
 
 
 class BlockRouting:
@@ -56,33 +67,54 @@ class BlockRouting:
 
     def __init__(self) -> None:
         self.coefficients: Tensor | None = None
-        self.layers: list[MixtureLoraLinear] = []
+        self.pooled: Tensor | None = None
+        self.layers: list[MixtureLoraLinear | MixtureLoraEmbedding] = []
         self._rows: dict[tuple[int, torch.dtype], Tensor] = {}
         # one small integer per distinct stack signature among this block's layers: the scale-row key
         self._stack_ids: dict[tuple, int] = {}
 
-    def add_layer(self, layer: "MixtureLoraLinear", signature: tuple) -> int:
+    def add_layer(self, layer: "MixtureLoraLinear | MixtureLoraEmbedding", signature: tuple) -> int:
         """Register ``layer``; returns the id of its stack (layers with equal signatures share rows)."""
         self.layers.append(layer)
         return self._stack_ids.setdefault(signature, len(self._stack_ids))
 
-    def set(self, coefficients: Tensor) -> None:
+    def set(self, coefficients: Tensor, pooled: Tensor | None = None) -> None:
+        """``coefficients`` [B, 1|T, E+1]; ``pooled`` [B, 1, E+1] (token routing only): each row's mean
+        over its real tokens, for layers whose input has no token axis (a pooler's [B, D])."""
         self.coefficients = coefficients
-        rows: dict[tuple[int, torch.dtype], Tensor] = {}
+        self.pooled = pooled
+        rows: dict[tuple, Tensor] = {}
         for layer in self.layers:
             key = (layer.stack_id, layer.A_cat.dtype)
             if key not in rows:
                 picked = coefficients.index_select(-1, layer.rank_column)           # [B, 1|T, R]
                 rows[key] = (picked * layer.rank_scale).to(layer.A_cat.dtype)        # [B, 1|T, R]
+            for extra, column in layer.piece_columns().items():  # lora biases, DoRA gains
+                extra_key = (extra, *key)
+                if extra_key not in rows:
+                    rows[extra_key] = coefficients.index_select(-1, column).to(layer.A_cat.dtype)  # [B, 1|T, P]
         self._rows = rows
 
     def clear(self) -> None:
         self.coefficients = None
+        self.pooled = None
         self._rows = {}
 
-    def scale_row(self, layer: "MixtureLoraLinear") -> Tensor:
-        """lambda w_e s_e (or (1 - lambda) s_p) for each of the layer's rank rows: [B, 1|T, R]."""
-        row = self._rows.get((layer.stack_id, layer.A_cat.dtype))
+    def scale_row(
+        self, layer: "MixtureLoraLinear | MixtureLoraEmbedding", extra: str | None = None, *, untokened: bool = False
+    ) -> Tensor:
+        """lambda w_e s_e (or (1 - lambda) s_p) for each of the layer's rank rows: [B, 1|T, R];
+        with ``extra`` ("bias" / "gain"), the coefficient c_e of each such piece: [B, 1|T, P].
+
+        ``untokened``: for an input without a token axis (a pooler's [B, D]): [B, 1, *], from the
+        pooled coefficients under token routing (computed here: such layers are few and run once).
+        """
+        if untokened and self.pooled is not None:
+            if extra is None:
+                return (self.pooled.index_select(-1, layer.rank_column) * layer.rank_scale).to(layer.A_cat.dtype)
+            return self.pooled.index_select(-1, layer.piece_columns()[extra]).to(layer.A_cat.dtype)
+        key = (layer.stack_id, layer.A_cat.dtype)
+        row = self._rows.get(key if extra is None else (extra, *key))
         if row is None:
             raise RuntimeError("a mixture layer ran outside its block: no routing weights were set")
         return row
@@ -123,7 +155,20 @@ class MixtureLoraLinear(nn.Module):
         ranks = [piece.A.shape[0] for piece in pieces]
         like = {"device": weight.device, "dtype": weight.dtype}
         self.register_buffer("A_cat", torch.cat([p.A for p in pieces], 0).to(**like), persistent=False)
-        self.register_buffer("B_cat", torch.cat([p.B for p in pieces], 1).to(**like), persistent=False)
+        # DoRA: g_e folded into its B rows (g_e B_e); plain pieces keep B_e
+        b_blocks = [p.B if p.gain is None else p.gain.to(p.B.dtype).unsqueeze(1) * p.B for p in pieces]
+        self.register_buffer("B_cat", torch.cat(b_blocks, 1).to(**like), persistent=False)
+        biased = [p for p in pieces if p.bias is not None]
+        scaled = [p for p in pieces if p.gain is not None]
+        # [P, d] rows: s_e b_e of each biased piece; g_e - 1 of each DoRA piece
+        self.register_buffer("bias_rows", torch.stack([p.scale * p.bias.float() for p in biased]).to(**like)
+                             if biased else None, persistent=False)
+        self.register_buffer("gain_rows", torch.stack([p.gain.float() - 1 for p in scaled]).to(**like)
+                             if scaled else None, persistent=False)
+        self.register_buffer("bias_column", torch.tensor([p.column for p in biased], device=weight.device)
+                             if biased else None, persistent=False)
+        self.register_buffer("gain_column", torch.tensor([p.column for p in scaled], device=weight.device)
+                             if scaled else None, persistent=False)
         columns = [p.column for p, r in zip(pieces, ranks) for _ in range(r)]
         scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]
         self._scales = scales  # kept as Python floats: rank_scale stays float32 through .to(dtype)
@@ -131,18 +176,39 @@ class MixtureLoraLinear(nn.Module):
         self.register_buffer(
             "rank_scale", torch.tensor(scales, dtype=torch.float32, device=weight.device), persistent=False
         )
-        signature = tuple((p.column, r, p.scale) for p, r in zip(pieces, ranks))
+        signature = tuple((p.column, r, p.scale, p.bias is not None, p.gain is not None) for p, r in zip(pieces, ranks))
         self.columns = sorted({p.column for p in pieces})
         self.stack_id = routing.add_layer(self, signature)
+
+    def piece_columns(self) -> dict[str, Tensor]:
+        """The coefficient columns of the pieces with a lora bias / a DoRA gain (those present)."""
+        columns = {}
+        if self.bias_column is not None:
+            columns["bias"] = self.bias_column
+        if self.gain_column is not None:
+            columns["gain"] = self.gain_column
+        return columns
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         super()._apply(fn, recurse)
         self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
         return self
 
-    def forward(self, x: Tensor) -> Tensor:                         # x [B, T, k]
-        y = self.base_layer(x)                                      # [B, T, d]  W0 x
-        scale_row = self.routing.scale_row(self)                    # [B, 1|T, R]  lambda w_e s_e | (1-lambda) s_p
+    def forward(self, x: Tensor) -> Tensor:                         # x [B, T, k] (or a pooler's [B, k])
+        if x.dim() == 2:
+            return self._mix(x.unsqueeze(1), untokened=True).squeeze(1)            # [B, d]
+        return self._mix(x)
+
+    def _mix(self, x: Tensor, untokened: bool = False) -> Tensor:   # x [B, T, k]
+        routing = self.routing
+        y = self.base_layer(x)                                      # [B, T, d]  W0 x (+ base bias)
+        if self.gain_rows is not None:                              # DoRA: W0 x (1 + sum_e c_e (g_e - 1))
+            base_bias = self.base_layer.bias
+            w0x = y if base_bias is None else y - base_bias         # [B, T, d]
+            y = y + w0x * (routing.scale_row(self, "gain", untokened=untokened) @ self.gain_rows)  # [B, 1|T, d]
+        if self.bias_rows is not None:                              # + sum_e c_e s_e b_e
+            y = y + routing.scale_row(self, "bias", untokened=untokened) @ self.bias_rows          # [B, 1|T, d]
+        scale_row = routing.scale_row(self, untokened=untokened)    # [B, 1|T, R]  lambda w_e s_e | (1-lambda) s_p
         h = torch.matmul(x, self.A_cat.T) * scale_row               # [B, T, R]  A_e x, weighted
         if y.is_contiguous() and h.is_contiguous():
             # y += h @ B_cat.T in place: one pass over y instead of a new [B, T, d] tensor plus an add.
@@ -151,11 +217,17 @@ class MixtureLoraLinear(nn.Module):
             return y                                                # [B, T, d]
         return y + torch.matmul(h, self.B_cat.T)                    # [B, T, d]  + sum over experts of B_e h_e
 
+    @property
+    def is_plain_lora(self) -> bool:
+        """True when the mixture under fixed weights is one plain LoRA (no lora bias, no DoRA)."""
+        return self.bias_rows is None and self.gain_rows is None
+
     @torch.no_grad()
     def delta_weight(self, coefficients: Tensor) -> Tensor:
         """The merged update [d, k] for fixed coefficients [E+1] (lambda w_e..., 1 - lambda).
 
-        y = W0 x + x @ delta.T equals ``forward`` under those coefficients (a plain LoRA merge).
+        y = W0 x + x @ delta.T equals ``forward`` under those coefficients (a plain LoRA merge) when
+        ``is_plain_lora``.
         """
         coefficients = coefficients.to(device=self.rank_scale.device, dtype=torch.float32)
         row = coefficients[self.rank_column] * self.rank_scale                  # [R]
@@ -163,3 +235,61 @@ class MixtureLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank_rows={self.A_cat.shape[0]}"
+
+
+class MixtureLoraEmbedding(nn.Module):
+    """A frozen ``nn.Embedding`` plus a routed mixture of frozen LoRA embedding experts.
+
+    PEFT's embedding LoRA is ``embedding(ids, A.T) @ B.T * s`` with lora_embedding_A [r, vocab] and
+    lora_embedding_B [dim, r] (times the base layer's ``embed_scale`` where it has one, as Gemma's);
+    stacked: A_cat [R, vocab], B_cat [dim, R], the same scale row as ``MixtureLoraLinear``.
+    """
+
+    def __init__(self, base_layer: nn.Embedding, pieces: Sequence[LoraPiece], routing: BlockRouting) -> None:
+        super().__init__()
+        if not pieces:
+            raise ValueError("a mixture layer needs at least one LoRA piece")
+        vocab, dim = base_layer.weight.shape
+        for piece in pieces:
+            if piece.A.shape[1] != vocab or piece.B.shape[0] != dim:
+                raise ValueError(
+                    f"lora_embedding_A {tuple(piece.A.shape)} / B {tuple(piece.B.shape)} do not fit an embedding "
+                    f"of {vocab} tokens and {dim} features"
+                )
+        self.base_layer = base_layer
+        self.routing = routing
+        self.in_features, self.out_features = vocab, dim
+        ranks = [piece.A.shape[0] for piece in pieces]
+        like = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        self.register_buffer("A_cat", torch.cat([p.A for p in pieces], 0).to(**like), persistent=False)
+        self.register_buffer("B_cat", torch.cat([p.B for p in pieces], 1).to(**like), persistent=False)
+        scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]
+        self._scales = scales
+        self.register_buffer("rank_column", torch.tensor([p.column for p, r in zip(pieces, ranks) for _ in range(r)],
+                                                         device=like["device"]), persistent=False)
+        self.register_buffer("rank_scale", torch.tensor(scales, dtype=torch.float32, device=like["device"]),
+                             persistent=False)
+        self.columns = sorted({p.column for p in pieces})
+        self.stack_id = routing.add_layer(self, ("embedding", *((p.column, r, p.scale) for p, r in zip(pieces, ranks))))
+
+    def piece_columns(self) -> dict[str, Tensor]:
+        return {}
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
+        return self
+
+    def forward(self, ids: Tensor) -> Tensor:                       # ids [B, T]
+        y = self.base_layer(ids)                                    # [B, T, dim]
+        base = self.base_layer
+        h = nn.functional.embedding(ids, self.A_cat.T, padding_idx=base.padding_idx)   # [B, T, R]
+        h = h * self.routing.scale_row(self)                        # [B, T, R]  weighted
+        delta = torch.matmul(h, self.B_cat.T)                       # [B, T, dim]
+        embed_scale = getattr(base, "embed_scale", None)
+        if embed_scale is not None:
+            delta = delta * torch.as_tensor(embed_scale, dtype=delta.dtype, device=delta.device)
+        return y + delta
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.in_features}, dim={self.out_features}, rank_rows={self.A_cat.shape[0]}"

@@ -85,6 +85,7 @@ class AtMoEModel(nn.Module):
         block_paths: list[str],
         routings: list[BlockRouting],
         hidden_size: int,
+        router_input_modules: Mapping[int, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.base_model = base_model
@@ -129,11 +130,10 @@ class AtMoEModel(nn.Module):
         self._request: _Request | None = None
         self._last: list[tuple[Tensor, Tensor, Tensor | None] | None] = [None] * self.num_blocks
         self._blocks = [dict(base_model.named_modules())[path] for path in block_paths]
-        self._hooks = []
-        for index, block in enumerate(self._blocks):
-            # a partial of a bound method, not a closure: copy.deepcopy(model) then hooks the copy
-            hook = functools.partial(self._block_hook, index)
-            self._hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        # where each block's router reads its input: the block's input hidden states, or (the first
+        # block, when the embeddings are adapted) the base embedding's output; see builder.py
+        self._input_modules = dict(router_input_modules or {})
+        self._hooks = [self._on_router_input(index, self._route) for index in range(self.num_blocks)]
 
     # ------------------------------------------------------------------ the base model's surface
 
@@ -218,8 +218,16 @@ class AtMoEModel(nn.Module):
 
     # ------------------------------------------------------------------ hooks
 
-    def _block_hook(self, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._route(index, _block_input(args, kwargs))
+    def _on_router_input(self, index: int, fn: Callable[[int, Tensor], None], *, first: bool = False) -> Any:
+        """Call ``fn(index, router_input [B, T, D])`` at every forward of block ``index``'s router input
+        point; returns the hook handle. ``first``: before the hooks already there."""
+        module = self._input_modules.get(index)
+        # partials of bound methods, not closures: copy.deepcopy(model) then hooks the copy
+        if module is not None:
+            return module.register_forward_hook(functools.partial(_call_on_output, fn, index), prepend=first)
+        return self._blocks[index].register_forward_pre_hook(
+            functools.partial(_call_on_input, fn, index), with_kwargs=True, prepend=first
+        )
 
     def _token_mask(self, index: int, hidden: Tensor) -> Tensor | None:
         """The request's mask for the tokens of ``hidden`` [B, T, D] entering block ``index``: [B, T].
@@ -282,7 +290,11 @@ class AtMoEModel(nn.Module):
                 self._last[index] = (group_w, weights, mask)
         lam = self._lambda(index)
         general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)                 # [B, 1|T, 1]
-        routing.set(torch.cat([lam * weights, general], dim=-1))                         # [B, 1|T, E+1]
+        coefficients = torch.cat([lam * weights, general], dim=-1)                       # [B, 1|T, E+1]
+        pooled = None
+        if coefficients.shape[1] > 1:  # token routing: for layers without a token axis (poolers)
+            pooled = pool_hidden(coefficients, mask).unsqueeze(1)                        # [B, 1, E+1]
+        routing.set(coefficients, pooled)
 
     @contextmanager
     def calibrating_router_inputs(
@@ -297,12 +309,9 @@ class AtMoEModel(nn.Module):
         Forced routing bypasses the routers: nothing is seen.
         """
         moments: list[_Moments] = [_Moments() for _ in range(self.num_blocks)]
-        observers = [
-            # prepended: it sees the block before the routing hook marks it routed for this request
-            block.register_forward_pre_hook(functools.partial(self._observe_hook, index, moments[index]),
-                                            with_kwargs=True, prepend=True)
-            for index, block in enumerate(self._blocks)
-        ]
+        # prepended: each sees the router input before the routing hook marks the block routed
+        observers = [self._on_router_input(index, functools.partial(self._observe, moments[index]), first=True)
+                     for index in range(self.num_blocks)]
         try:
             yield self
         finally:
@@ -318,11 +327,10 @@ class AtMoEModel(nn.Module):
             standardize.set_from_moments(packed[:hidden], packed[hidden:2 * hidden], float(packed[-1]))
         self._invalidate()
 
-    def _observe_hook(self, index: int, moments: "_Moments", module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _observe(self, moments: "_Moments", index: int, hidden: Tensor) -> None:
         """Add block ``index``'s router inputs of this forward to ``moments`` (while calibrating)."""
         if self._forced is not None:
             return
-        hidden = _block_input(args, kwargs)
         mask = self._token_mask(index, hidden)
         if self.atmoe_config.routing == "sequence":
             inputs = pool_hidden(hidden, mask)                                           # [B, D]
@@ -469,9 +477,14 @@ class AtMoEModel(nn.Module):
         self._invalidate()
 
 
-def _block_input(args: tuple, kwargs: dict) -> Tensor:
-    """A transformer block's input hidden states [B, T, D]: its first argument, by position or name."""
-    return args[0] if args else kwargs["hidden_states"]
+def _call_on_input(fn: Callable[[int, Tensor], None], index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """A block's forward pre-hook: its input hidden states [B, T, D], the first argument by position or name."""
+    fn(index, args[0] if args else kwargs["hidden_states"])
+
+
+def _call_on_output(fn: Callable[[int, Tensor], None], index: int, module: nn.Module, args: tuple, output: Tensor) -> None:
+    """A forward hook on the base embedding: its output [B, T, D] is the router input."""
+    fn(index, output)
 
 
 class _Moments:

@@ -80,17 +80,27 @@ def default_targets(base: nn.Module) -> tuple[str, ...]:
 
 
 def _randomise_lora(model: nn.Module, seed: int) -> None:
-    """Random non-zero lora_A ~ N(0, 1/in) and lora_B ~ N(0, 0.09/r), so that every adapter acts."""
+    """Random non-zero LoRA tensors, so that every adapter acts: lora_A ~ N(0, 1/in), lora_B ~
+    N(0, 0.09/r), lora_embedding_A ~ N(0, 1), lora_embedding_B ~ N(0, 0.09/r), lora_B biases ~
+    N(0, 0.01), and DoRA magnitudes moved by about 20% from their initial ||W0 + s B A||."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                std = 1.0 / math.sqrt(param.shape[1])
-            elif ".lora_B." in name:
+            noise = torch.randn(param.shape, generator=generator)
+            if ".lora_magnitude_vector." in name:
+                param.mul_(1 + 0.2 * noise)
+                continue
+            if ".lora_embedding_A." in name:
+                std = 1.0
+            elif ".lora_embedding_B." in name or (".lora_B." in name and param.dim() == 2):
                 std = 0.3 / math.sqrt(param.shape[1])
+            elif ".lora_A." in name:
+                std = 1.0 / math.sqrt(param.shape[1])
+            elif ".lora_B." in name:  # lora_bias=True: lora_B's bias [out]
+                std = 0.1
             else:
                 continue
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            param.copy_(noise * std)
 
 
 def make_peft_adapter(
@@ -104,11 +114,14 @@ def make_peft_adapter(
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, int] | None = None,
     seed: int = 0,
+    **lora_options: Any,
 ) -> Path:
     """Make a LoRA adapter of ``base`` with PEFT itself and save it to ``out_dir`` (returned).
 
     ``base`` is not modified (PEFT works on a deep copy). lora_alpha defaults to 2 r; target modules
     to every linear inside the blocks (``default_targets``). Weights are random and non-zero.
+    ``lora_options`` go to ``LoraConfig`` as they are (``use_dora``, ``lora_bias``,
+    ``layers_to_transform``, ...).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -122,6 +135,7 @@ def make_peft_adapter(
         alpha_pattern=dict(alpha_pattern or {}),
         lora_dropout=0.0,
         fan_in_fan_out=getattr(getattr(base, "config", None), "model_type", "") == "gpt2",
+        **lora_options,
     )
     peft_model = get_peft_model(copy.deepcopy(base), config)
     _randomise_lora(peft_model, seed)

@@ -6,7 +6,6 @@ blob fails the build before a single weight is parsed or the base model is loade
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
@@ -17,8 +16,7 @@ from atmoe.registry.models import Composition, Expert, Router
 from atmoe.registry.routers import resolve_router
 from atmoe.registry.store import BlobStore
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+from atmoe.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 
 
 @dataclass
@@ -48,15 +46,11 @@ def _expert_bytes(store: BlobStore, expert: Expert) -> dict[str, bytes]:
 
 
 def _adapter(expert: Expert, files: dict[str, bytes]):
-    from safetensors.torch import load as load_safetensors
-
-    from atmoe.adapters import LoraAdapter
+    from atmoe.adapters import adapter_from_bytes
 
     if CONFIG_FILE not in files or WEIGHTS_FILE not in files:
         raise InvalidAdapter(f"expert {expert.ref} lacks {CONFIG_FILE} or {WEIGHTS_FILE} in the store")
-    return LoraAdapter(
-        config=json.loads(files[CONFIG_FILE]), tensors=load_safetensors(files[WEIGHTS_FILE]), name=expert.name
-    )
+    return adapter_from_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE], name=expert.name)
 
 
 def build_composition(

@@ -2,10 +2,12 @@
 
 An acceptable expert is a directory with ``adapter_config.json`` (``peft_type`` LORA) and
 ``adapter_model.safetensors``. The safetensors header is parsed here (8-byte little-endian length,
-then a JSON header) with bounds checks, so a corrupt or truncated file is named, never loaded.
-Every lora_A ``[r, in]`` / lora_B ``[out, r]`` pair must agree with ``r`` or ``rank_pattern`` and
-with each other, and float tensors must hold no NaN or Inf (checked with numpy, in chunks, while the
-file streams into the blob store). Pickle files are refused and never opened.
+then a JSON header) with bounds checks, so a corrupt or truncated file is named, never loaded: the
+tensors must tile the data section exactly (no gap, no overlap, no trailing bytes), as the
+safetensors library requires. The config fields, the key grammar and the shape rules are those of
+``atmoe.adapter_format``, the one definition that model building reads too; float tensors must
+hold no NaN or Inf (checked with numpy, in chunks, while the file streams into the blob store).
+Pickle files are refused and never opened.
 
 Every failure raises one ``InvalidAdapter`` (or ``PickleRefused``) line naming the file and problem.
 """
@@ -15,20 +17,37 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from atmoe.adapter_format import (
+    CONFIG_FILE,
+    PICKLE_HINT,
+    PICKLE_SUFFIXES,
+    WEIGHTS_FILE,
+    ModuleLayout,
+    module_layouts,
+    read_settings,
+)
 from atmoe.errors import InvalidAdapter, PickleRefused
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+__all__ = [
+    "CONFIG_FILE",
+    "PICKLE_SUFFIXES",
+    "WEIGHTS_FILE",
+    "AdapterInfo",
+    "FiniteCheck",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "check_finite_file",
+    "read_safetensors_header",
+    "validate_adapter",
+]  # fmt: skip
+
 MAX_HEADER_BYTES = 100_000_000  # the limit of the safetensors library itself
 MAX_CONFIG_BYTES = 10_000_000
 CHECK_CHUNK = 1 << 20
@@ -50,15 +69,6 @@ _NONFINITE_MASKS: dict[str, tuple[str, int, int]] = {
     "F64": ("<u8", 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
 }
 
-# PEFT saves "base_model.model.<module>.lora_A.weight" (the adapter name is stripped)
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_TENSOR_NAME = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
-
-PICKLE_HINT = (
-    "pickle weights are never loaded: convert them where you trust the file, e.g. "
-    "PeftModel.from_pretrained(base_model, DIR).save_pretrained(OUT, safe_serialization=True), "
-    "and add OUT (without any pickle files)"
-)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,9 @@ class AdapterInfo:
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
     module_ranks: dict[str, int]  # module name (as in the base model) -> rank
+    use_dora: bool
+    lora_bias: bool
+    modules: dict[str, ModuleLayout]  # module name -> what the adapter holds there
     base_model_name_or_path: str | None
     revision: str | None
     files: list[str]  # relative paths of the files an expert stores, sorted
@@ -186,7 +199,13 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if info.start < previous_end:
             raise _fail(label, f"corrupt: tensor {info.name!r} overlaps the tensor before it")
+        if info.start > previous_end:
+            raise _fail(label, f"corrupt: {info.start - previous_end} unused bytes before tensor {info.name!r} "
+                               "(the safetensors library refuses gaps)")
         previous_end = info.end
+    if previous_end != file_size:
+        raise _fail(label, f"corrupt: {file_size - previous_end} trailing bytes after the last tensor "
+                           "(the safetensors library refuses them)")
     return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
 
 
@@ -290,57 +309,6 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _positive_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(CONFIG_FILE, f"{key} must be a positive integer, not {value!r}")
-    return value
-
-
-def _number(value: Any, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(CONFIG_FILE, f"{key} must be a finite number, not {value!r}")
-    return float(value)
-
-
-def _pattern(config: dict[str, Any], key: str) -> dict[str, Any]:
-    value = config.get(key) or {}
-    if not isinstance(value, dict):
-        raise _fail(CONFIG_FILE, f"{key} must be an object mapping module patterns to values")
-    for pattern in value:
-        try:  # as pattern_key uses it: "(?i)" alone compiles, but not inside the suffix pattern
-            re.compile(rf"(.*\.)?({pattern})$")
-        except re.error:
-            raise _fail(CONFIG_FILE, f"{key} has an invalid pattern {pattern!r}") from None
-    return value
-
-
-def pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
-    """PEFT's rule: a pattern applies when it matches a dotted suffix of the module name."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
-def _target_modules(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return sorted(value)
-    raise _fail(CONFIG_FILE, f"target_modules must be a string or a list of strings, not {value!r}")
-
-
-def _optional_str(config: dict[str, Any], key: str) -> str | None:
-    value = config.get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise _fail(CONFIG_FILE, f"{key} must be a string, not {value!r}")
-    return value
-
-
 # -- the directory ---------------------------------------------------------------------------
 
 
@@ -378,92 +346,34 @@ def validate_adapter(path: str | os.PathLike[str], *, check_values: bool = True)
         )
     config = _read_config(root / CONFIG_FILE)
 
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise _fail(CONFIG_FILE, f"peft_type is {peft_type!r}; only LORA adapters are accepted")
-    if config.get("use_dora"):
-        raise _fail(CONFIG_FILE, "use_dora is set; DoRA adapters cannot be mixed, only plain LoRA")
-    if config.get("modules_to_save"):
-        raise _fail(CONFIG_FILE, "modules_to_save is set; experts may only hold LoRA matrices")
-    r = _positive_int(config.get("r"), "r")
-    alpha = _number(config.get("lora_alpha", r), "lora_alpha")
-    use_rslora = config.get("use_rslora", False)
-    if not isinstance(use_rslora, bool):
-        raise _fail(CONFIG_FILE, f"use_rslora must be true or false, not {use_rslora!r}")
-    rank_pattern = _pattern(config, "rank_pattern")
-    alpha_pattern = _pattern(config, "alpha_pattern")
-    for key, value in rank_pattern.items():
-        _positive_int(value, f"rank_pattern[{key!r}]")
-    for key, value in alpha_pattern.items():
-        _number(value, f"alpha_pattern[{key!r}]")
-    target_modules = _target_modules(config.get("target_modules"))
-
+    settings = read_settings(config)
     if WEIGHTS_FILE not in files:
         raise InvalidAdapter(f"{root}: no {WEIGHTS_FILE}; only safetensors LoRA weights are accepted")
     header = read_safetensors_header(root / WEIGHTS_FILE)
-    module_ranks = check_lora_tensors(header, r=r, rank_pattern=rank_pattern)
+    modules = module_layouts(
+        settings,
+        {name: info.shape for name, info in header.tensors.items()},
+        {name: info.dtype for name, info in header.tensors.items()},
+    )
     if check_values:
         check_finite_file(root / WEIGHTS_FILE, header)
 
     return AdapterInfo(
         path=root,
-        peft_type=peft_type,
-        r=r,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=target_modules,
-        rank_pattern=dict(rank_pattern),
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-        module_ranks=module_ranks,
-        base_model_name_or_path=_optional_str(config, "base_model_name_or_path"),
-        revision=_optional_str(config, "revision"),
+        peft_type="LORA",
+        r=settings.r,
+        alpha=settings.alpha,
+        use_rslora=settings.use_rslora,
+        target_modules=settings.target_modules,
+        rank_pattern=settings.rank_pattern,
+        alpha_pattern=settings.alpha_pattern,
+        module_ranks={module: layout.rank for module, layout in modules.items()},
+        use_dora=settings.use_dora,
+        lora_bias=settings.lora_bias,
+        modules=modules,
+        base_model_name_or_path=settings.base_model_name_or_path,
+        revision=settings.revision,
         files=files,
         config=config,
         header=header,
     )
-
-
-def check_lora_tensors(header: SafetensorsHeader, *, r: int, rank_pattern: dict[str, Any]) -> dict[str, int]:
-    """Pair lora_A / lora_B per module and check their shapes; return {module: rank}."""
-    pairs: dict[str, dict[str, TensorInfo]] = {}
-    for name, info in header.tensors.items():
-        if not _TENSOR_NAME.match(name):
-            raise _fail(WEIGHTS_FILE, f"tensor name {name!r} is not a valid module path")
-        match = _LORA_KEY.match(name)
-        if match is None:
-            raise _fail(
-                WEIGHTS_FILE,
-                f"tensor {name!r} is not a LoRA matrix (expected <module>.lora_A.weight / .lora_B.weight)",
-            )
-        if info.dtype not in _NONFINITE_MASKS:
-            raise _fail(WEIGHTS_FILE, f"tensor {name!r} has dtype {info.dtype}; LoRA weights must be F16, BF16, F32 or F64")
-        pairs.setdefault(match["module"], {})[match["which"]] = info
-    if not pairs:
-        raise _fail(WEIGHTS_FILE, "holds no LoRA tensors")
-
-    module_ranks: dict[str, int] = {}
-    for module in sorted(pairs):
-        pair = pairs[module]
-        for which in "AB":
-            if which not in pair:
-                raise _fail(WEIGHTS_FILE, f"module {module!r} has no lora_{which}.weight")
-        a, b = pair["A"], pair["B"]
-        for info in (a, b):
-            if len(info.shape) != 2:
-                raise _fail(WEIGHTS_FILE, f"tensor {info.name!r} has shape {list(info.shape)}; expected 2-D")
-        key = pattern_key(rank_pattern, module)
-        expected = int(rank_pattern[key]) if key is not None else r
-        source = f"rank_pattern[{key!r}]" if key is not None else "r"
-        if a.shape[0] != b.shape[1]:
-            raise _fail(
-                WEIGHTS_FILE,
-                f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank",
-            )
-        if a.shape[0] != expected:
-            raise _fail(
-                WEIGHTS_FILE,
-                f"module {module!r}: lora_A {list(a.shape)} has rank {a.shape[0]} "
-                f"but the config says {source} = {expected}",
-            )
-        module_ranks[module] = expected
-    return module_ranks

@@ -74,9 +74,9 @@ def test_pickle_weights_are_refused_and_never_opened(tmp_path):
         (lambda p: (p / "adapter_config.json").write_text("{"), "not valid JSON"),
         (lambda p: (p / "adapter_model.safetensors").write_bytes(
             (p / "adapter_model.safetensors").read_bytes()[:100]), "corrupt or truncated"),
-        (lambda p: _edit_config(p, r=5), "config gives rank 5"),
+        (lambda p: _edit_config(p, r=5), "config says r = 5"),
         (lambda p: _edit_config(p, peft_type="IA3"), "only LORA"),
-        (lambda p: _edit_config(p, use_dora=True), "use_dora"),
+        (lambda p: _edit_config(p, use_dora=True), "no lora_magnitude_vector but the config sets use_dora"),
     ],
 )
 def test_broken_adapters_raise_invalid_adapter(llama, tmp_path, damage, message):
@@ -100,7 +100,7 @@ def test_nan_weights_and_stray_tensors_are_refused(llama):
         LoraAdapter(adapter.config, {**tensors, key: tensors[key] * float("nan")})
     with pytest.raises(InvalidAdapter, match="not a LoRA"):
         LoraAdapter(adapter.config, {**tensors, "base_model.model.lm_head.weight": torch.zeros(2, 2)})
-    with pytest.raises(InvalidAdapter, match="missing"):
+    with pytest.raises(InvalidAdapter, match="has no lora_B.weight"):
         LoraAdapter(adapter.config, {k: v for k, v in tensors.items() if "lora_B" not in k})
 
 

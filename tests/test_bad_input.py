@@ -127,7 +127,7 @@ ADAPTER_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "config not JSON": (lambda r: (r / CONFIG_FILE).write_text("{r: 4"), "is not valid JSON"),
     "not a LoRA (IA3)": (_edit_config(peft_type="IA3"), "only LORA adapters"),
     "rank not a number": (_edit_config(r="four"), "r must be a positive integer"),
-    "DoRA": (_edit_config(use_dora=True), "DoRA"),
+    "DoRA config without magnitudes": (_edit_config(use_dora=True), "no lora_magnitude_vector but the config sets use_dora"),
     "pickle weights beside": (lambda r: (r / "adapter_model.bin").write_bytes(b"\x80\x04pickle"), "pickle weights are never loaded"),
     "pickle weights only": (
         lambda r: (r / WEIGHTS_FILE).rename(r / "adapter_model.pt"), "pickle weights are never loaded"),

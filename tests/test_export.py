@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -65,3 +66,31 @@ def test_token_routing_without_force_is_refused(tmp_path):
         model(input_ids=torch.ones(1, 3, dtype=torch.long))
     with pytest.raises(RoutingError, match="--force"):
         export_lora(model, tmp_path / "plan")
+
+
+@pytest.mark.parametrize("kind", ["embedding", "lora_bias"])
+def test_embedding_and_lora_bias_plans_export_exactly(tmp_path, kind):
+    base = make_tiny_llama()
+    options = ({"target_modules": ["embed_tokens", "q_proj", "lm_head"]} if kind == "embedding"
+               else {"target_modules": ["q_proj", "down_proj"], "lora_bias": True})
+    with pytest.warns(UserWarning) if kind == "lora_bias" else contextlib.nullcontext():  # PEFT: Llama linears have no bias
+        paths = {n: make_peft_adapter(base, tmp_path / n, r=2 + i, seed=20 + i, **options) for i, n in enumerate("xy")}
+    model = build_atmoe(copy.deepcopy(base), {"g": {"x": paths["x"], "y": paths["y"]}})
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with model.forced_routing({"x": 0.7, "y": 0.3}), torch.no_grad():
+        expected = model(input_ids=ids).logits
+        out = export_lora(model, tmp_path / "plan")
+    torch.testing.assert_close(_peft_output(base, out, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_plans_are_refused_with_the_reason(tmp_path):
+    from atmoe.errors import AtmoeError
+
+    base = make_tiny_llama()
+    path = make_peft_adapter(base, tmp_path / "d", r=2, target_modules=["q_proj"], use_dora=True, seed=3)
+    model = build_atmoe(copy.deepcopy(base), {"g": {"d": path}})
+    with model.forced_routing({"d": 1.0}), torch.no_grad():
+        model(input_ids=torch.ones(1, 3, dtype=torch.long))
+        with pytest.raises(AtmoeError, match="DoRA.*no LoRA"):
+            export_lora(model, tmp_path / "plan")
+    assert not (tmp_path / "plan").exists()

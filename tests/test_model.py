@@ -94,10 +94,16 @@ def test_adapters_of_another_base_model_are_refused(llama, experts):
         build_atmoe(copy.deepcopy(llama), {"g": {"gpt": gpt2_adapter}})
 
 
-def test_modules_outside_blocks_are_refused(llama):
+def test_modules_outside_blocks_take_their_nearest_blocks_routing(llama):
+    """lm_head runs after the blocks: it is mixed with the last block's weights (a router is made
+    for that block even when the adapter adapts nothing inside it)."""
     head = make_random_adapter(llama, r=2, target_modules=["lm_head"], name="head")
-    with pytest.raises(InvalidComposition, match="lm_head is not inside a transformer block"):
-        build_atmoe(copy.deepcopy(llama), {"g": {"head": head}})
+    model = build_atmoe(copy.deepcopy(llama), {"g": {"head": head}})
+    assert model.block_paths == ["model.layers.1"]
+    assert isinstance(model.base_model.lm_head, MixtureLoraLinear)
+    assert model.base_model.lm_head.routing is model._routings[0]
+    model(input_ids=IDS)
+    assert model.last_routing()[0]["experts"] == {"head": 1.0}
 
 
 def test_building_twice_on_the_same_base_is_refused(llama, experts):

@@ -15,13 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from atmoe.adapter_format import pattern_key
 from atmoe.errors import InvalidAdapter, PickleRefused
 from atmoe.registry.validate import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     FiniteCheck,
     check_finite_file,
-    pattern_key,
     read_safetensors_header,
     validate_adapter,
 )
@@ -137,7 +137,18 @@ def test_pickle_files_are_refused_unopened(tmp_path: Path, name: str) -> None:
         ({"r": "4"}, "r must be a positive integer"),
         ({"lora_alpha": "x"}, "lora_alpha must be a finite number"),
         ({"use_rslora": "yes"}, "use_rslora"),
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True, "lora_bias": True}, "PEFT itself refuses"),
+        ({"lora_alpha": 0}, "lora_alpha must be > 0"),
+        ({"lora_alpha": -4}, "lora_alpha must be > 0"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": 1e308}, "overflows float32"),
+        ({"alpha_pattern": {"q_proj": 1e300}, "use_rslora": True}, "overflows float32"),
+        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters is set"),
+        ({"trainable_token_indices": [3, 4]}, "trainable_token_indices is set"),
+        ({"alora_invocation_tokens": [5]}, "aLoRA"),
+        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights is 'pissa_niter_4'"),
+        ({"bias": "all"}, "bias is 'all'"),
+        ({"lora_bias": "yes"}, "lora_bias must be true or false"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"rank_pattern": {"(": 2}}, "invalid pattern"),
         ({"rank_pattern": {"q_proj": 0}}, "positive integer"),
@@ -286,8 +297,10 @@ def test_pattern_key_follows_peft(patterns: list[str], module: str, expected: st
 @pytest.mark.parametrize(
     ("name", "match"),
     [
-        (f"{PREFIX}q_proj.lora_C.weight", "not a LoRA matrix"),
-        (f"{PREFIX}q_proj.lora_magnitude_vector", "not a LoRA matrix"),
+        (f"{PREFIX}q_proj.lora_C.weight", "not a LoRA tensor"),
+        (f"{PREFIX}q_proj.lora_magnitude_vector", "holds no LoRA tensors"),
+        ("model.layers.0.self_attn.q_proj.lora_A.weight", "does not start with 'base_model.model.'"),
+        (f"{PREFIX}q_proj.weight", "not a LoRA tensor"),
         (f"{PREFIX}../q_proj.lora_A.weight", "not a valid module path"),
         ("base_model.model..lora_A.weight", "not a valid module path"),
     ],
