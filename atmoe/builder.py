@@ -15,8 +15,9 @@ base embedding output (the embeddings without the experts' delta), once, for bot
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from torch import nn
 
@@ -24,7 +25,7 @@ import torch
 
 from atmoe.adapters import LoraAdapter, load_adapter
 from atmoe.config import AtmoeConfig
-from atmoe.errors import InvalidComposition
+from atmoe.errors import InvalidComposition, UsageError
 from atmoe.layer import BlockRouting, LoraPiece, MixtureLoraEmbedding, MixtureLoraLinear, linear_shape
 from atmoe.model import AtMoEModel
 
@@ -36,33 +37,27 @@ def build_atmoe(
     groups: Mapping[str, Mapping[str, AdapterSource]],
     *,
     general: AdapterSource | None = None,
-    lam: float | None = None,
-    learn_lambda: bool = False,
-    temperature: float = 1.0,
-    routing: str = "sequence",
-    router: str = "grouped",
-    shared_router: bool = False,
-    static_inside: bool = False,
+    config: AtmoeConfig | None = None,
+    **options: Any,
 ) -> AtMoEModel:
     """Compose ``groups`` ({group: {expert: adapter dir | LoraAdapter}}, both ordered) on ``base_model``.
 
-    ``general`` is the optional pre-merged general expert, mixed in with weight 1 - lambda. ``lam``
-    defaults to 0.5 with a general expert and must be 1 (or None) without one. The base model is
-    modified in place (its adapted linears become mixture layers); build from a fresh one each time.
-    See ``AtmoeConfig`` for the other settings. Raises ``InvalidComposition`` for empty groups,
+    ``general`` is the optional pre-merged general expert, mixed in with weight 1 - lambda.
+    ``config`` holds how the experts are mixed (``AtmoeConfig``); ``options`` are its fields as
+    keywords instead (``lam=0.7, routing="token"``), for a config made here with ``general`` set from
+    the general expert. The base model is modified in place (its adapted layers become mixture
+    layers); build from a fresh one each time. Raises ``InvalidComposition`` for empty groups,
     duplicate experts, or adapters that do not fit the base model, ``InvalidAdapter`` for unreadable
     adapters and ``UsageError`` for bad settings.
     """
-    config = AtmoeConfig(
-        lam=lam,
-        learn_lambda=learn_lambda,
-        temperature=temperature,
-        routing=routing,
-        router=router,
-        shared_router=shared_router,
-        static_inside=static_inside,
-        general=general is not None,
-    )
+    if config is None:
+        config = AtmoeConfig(**options, general=general is not None)
+    elif options:
+        raise UsageError(f"pass the settings in config or as keywords, not both ({', '.join(sorted(options))})")
+    elif config.general != (general is not None):
+        raise UsageError("config.general says whether there is a general expert; it disagrees with general=")
+    else:
+        config = dataclasses.replace(config)  # the model's own copy (set_temperature changes it)
     layout = _layout(groups)
     experts = [_as_adapter(groups[group][name], name) for group, names in layout.items() for name in names]
     if general is not None:

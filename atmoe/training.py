@@ -12,64 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
+from atmoe.config import TrainConfig
 from atmoe.data import Encoded, Example, check_intents, collate, encode_example
-from atmoe.errors import UsageError
 from atmoe.freeze import freeze_all_but_routers
 from atmoe.routing import group_totals
-
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters of a router training run; recorded with the router."""
-
-    epochs: int = field(default=3, metadata={"help": "passes over the training data (--epochs)"})
-    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate of the routers (--lr)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step before accumulation (--batch-size)"})
-    max_length: int = field(default=512, metadata={"help": "tokens per example, prompt cut on the left (--max-length)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (--grad-accum)"})
-    seed: int = field(default=0, metadata={"help": "seed of the shuffle and of torch (--seed)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, mps; None lets accelerate pick (--device)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (--mixed-precision)"})
-    routing_loss_weight: float = field(
-        default=0.5, metadata={"help": "weight of the intent routing loss, used when data has intents (--routing-loss-weight)"}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (--weight-decay)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm, 0 disables (--max-grad-norm)"})
-    schedule: str = field(
-        default="cosine", metadata={"help": "learning-rate schedule after warm-up: cosine or linear decay to 0, or constant (--schedule)"}
-    )
-    warmup_ratio: float = field(
-        default=0.05, metadata={"help": "share of the optimizer steps spent warming the learning rate up from 0 (--warmup-ratio)"}
-    )
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.max_length >= 2, "--max-length must be at least 2"),
-            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (self.routing_loss_weight >= 0, "--routing-loss-weight must be >= 0"),
-            (self.weight_decay >= 0, "--weight-decay must be >= 0"),
-            (self.max_grad_norm >= 0, "--max-grad-norm must be >= 0"),
-            (self.mixed_precision in ("no", "fp16", "bf16"), "--mixed-precision must be no, fp16 or bf16"),
-            (self.schedule in SCHEDULES, "--schedule must be " + ", ".join(SCHEDULES)),
-            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be >= 0 and < 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 def lr_factor(schedule: str, warmup_ratio: float, total_steps: int):
     """The learning-rate multiplier of optimizer step ``step`` (0-based) as a function: a linear warm-up

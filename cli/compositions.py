@@ -6,9 +6,8 @@ import click
 
 from atmoe.cli import output
 from atmoe.cli.app import get_registry, main
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print data alone on stdout, as JSON.")
-
+from atmoe.cli.options import dataclass_options, json_option, pop_config
+from atmoe.config import AtmoeConfig
 
 def _group_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -20,26 +19,15 @@ def _group_list(text: str) -> tuple[str, ...]:
 @click.option("--expert", "experts", multiple=True, metavar="REF",
               help="Narrow a group to these experts (NAME[@VERSION], repeatable); other groups take the latest of every name.")
 @click.option("--general", metavar="REF", help="The pre-merged general expert, blended with 1 - lambda.")
-@click.option("--lambda", "lam", type=float, help="Weight of the routed experts against the general one (default 0.5 with --general, else 1).")
-@click.option("--learn-lambda", is_flag=True, help="Learn one lambda per block with the routers.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature tau of the routers.")
-@click.option("--routing", type=click.Choice(["sequence", "token"]), default="sequence", show_default=True,
-              help="Route once per request (pooled prompt) or per token.")
-@click.option("--router", "router_kind", type=click.Choice(["grouped", "flat"]), default="grouped", show_default=True,
-              help="Two-stage grouped router (AT-MoE) or the flat single-stage ablation.")
-@click.option("--shared-router", is_flag=True, help="Ablation: one router shared by all blocks.")
-@click.option("--static-inside", is_flag=True, help="Ablation: static inside-group weights instead of W_D u.")
+@dataclass_options(AtmoeConfig)
 @click.option("--description", help="What the composition is for.")
 @json_option
-def compose(name, groups, experts, general, lam, learn_lambda, temperature, routing, router_kind, shared_router,
-            static_inside, description, as_json) -> None:
+def compose(name, groups, experts, general, description, as_json, **settings) -> None:
     """Pin experts of the listed groups as an immutable composition version."""
+    config = pop_config(AtmoeConfig, settings, general=general is not None)
     registry = get_registry()
-    record, created = registry.compose(
-        name=name, groups=_group_list(groups), experts=experts, general=general, lam=lam, learn_lambda=learn_lambda,
-        temperature=temperature, routing=routing, router=router_kind, shared_router=shared_router,
-        static_inside=static_inside, description=description,
-    )
+    record, created = registry.compose(name=name, groups=_group_list(groups), experts=experts, general=general,
+                                       config=config, description=description)
     if as_json:
         output.print_json({**record, "created": created})
         return

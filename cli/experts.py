@@ -8,8 +8,7 @@ import click
 
 from atmoe.cli import output
 from atmoe.cli.app import EXIT_FAILURE, fail, get_registry, main, one_line
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print data alone on stdout, as JSON.")
+from atmoe.cli.options import json_option
 
 
 def _tags(values: tuple[str, ...]) -> dict[str, str]:

@@ -11,9 +11,10 @@ import click
 
 from atmoe.cli import output
 from atmoe.cli.app import get_registry, main
+from atmoe.cli.options import dataclass_options, json_option, pop_config
+from atmoe.config import TrainConfig
 from atmoe.errors import UsageError
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print data alone on stdout, as JSON.")
 force_option = click.option("--force", "force", multiple=True, metavar="NAME=W",
                             help="Force an expert's weight (repeatable); unnamed experts get 0.")
 router_option = click.option("--router", "router", metavar="N|ALIAS", help="Router number or alias (default: the newest).")
@@ -53,32 +54,14 @@ def _with_router(ref: str, router: str | None) -> str:
 @click.argument("ref")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL (prompt/response or messages, optional intents).")
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False), help="Evaluation JSONL.")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--lr", type=float, default=5e-3, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-length", type=int, default=512, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", help="cpu, cuda, mps (default: accelerate's choice).")
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
-@click.option("--routing-loss-weight", type=float, default=0.5, show_default=True,
-              help="Weight of the auxiliary routing loss on examples with intents.")
-@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True,
-              help="Learning-rate schedule after the warm-up.")
-@click.option("--warmup-ratio", type=float, default=0.05, show_default=True,
-              help="Share of the optimizer steps spent warming the learning rate up.")
+@dataclass_options(TrainConfig)
 @click.option("--alias", help="Point this alias (e.g. prod) at the new router.")
 @click.option("--notes", help="Free text recorded with the router.")
 @base_option
 @json_option
-def train_router(ref, data, eval_data, epochs, lr, batch_size, max_length, grad_accum, seed, device, mixed_precision,
-                 routing_loss_weight, schedule, warmup_ratio, alias, notes, base_model, as_json) -> None:
+def train_router(ref, data, eval_data, alias, notes, base_model, as_json, **hyperparameters) -> None:
     """Train the routers of a composition (experts frozen) and record them as its next router."""
-    from atmoe.training import TrainConfig
-
-    config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, grad_accum=grad_accum,
-                         seed=seed, device=device, mixed_precision=mixed_precision,
-                         routing_loss_weight=routing_loss_weight, schedule=schedule, warmup_ratio=warmup_ratio)
+    config = pop_config(TrainConfig, hyperparameters)
     registry = get_registry()
     trained = registry.train_router(ref, data=data, eval_data=eval_data, config=config, alias=alias, notes=notes,
                                     progress=True, console=output.console(), base_model=base_model)

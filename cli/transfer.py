@@ -6,8 +6,7 @@ import click
 
 from atmoe.cli import output
 from atmoe.cli.app import get_registry, main
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the report alone on stdout, as JSON.")
+from atmoe.cli.options import json_option
 
 
 def _size(text: str) -> int:

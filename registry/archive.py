@@ -43,6 +43,7 @@ from typing import IO, TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from atmoe.config import AtmoeConfig
 from atmoe.errors import ChecksumMismatch, ExpertNotFound, InvalidAdapter, InvalidArchive, UsageError
 from atmoe.registry.names import parse_ref, validate_name
 
@@ -99,6 +100,7 @@ def _expert_row(expert: Expert) -> dict[str, Any]:
 
 
 def _composition_row(session: Session, composition: Composition) -> dict[str, Any]:
+    from atmoe.registry.compositions import composition_config
     from atmoe.registry.models import Router, RouterAlias
 
     routers = list(
@@ -116,11 +118,7 @@ def _composition_row(session: Session, composition: Composition) -> dict[str, An
         "base_model": composition.base_model,
         "base_revision": composition.base_revision,
         "groups": list(composition.groups),
-        "lam": composition.lam,
-        "learn_lambda": composition.learn_lambda,
-        "temperature": composition.temperature,
-        "routing": composition.routing,
-        "options": dict(composition.options or {}),
+        **composition_config(composition).to_columns(),
         "description": composition.description,
         "created_at": _iso(composition.created_at),
         "created_by": composition.created_by,
@@ -606,16 +604,14 @@ def _check_manifest(staged: _Staged, archive: Path, work: Path) -> tuple[dict[st
         for key in ("base_model", "base_revision", "description", "created_by"):
             c.string(row.get(key), f"{where}.{key}", optional=True)
         row["created_at"] = c.moment(row.get("created_at"), f"{where}.created_at")
-        lam = c.number(row.get("lam"), f"{where}.lam")
-        temperature = c.number(row.get("temperature"), f"{where}.temperature")
-        if not 0 <= lam <= 1 or temperature <= 0:
-            raise c.fail(where, "lambda must lie in [0, 1] and the temperature be > 0")
+        c.number(row.get("lam"), f"{where}.lam")
+        c.number(row.get("temperature"), f"{where}.temperature")
         c.flag(row.get("learn_lambda"), f"{where}.learn_lambda")
-        if row.get("routing") not in ("sequence", "token"):
-            raise c.fail(f"{where}.routing", f"unknown routing {row.get('routing')!r}")
-        options = c.plain(row.get("options"), f"{where}.options")
-        if options.get("router", "grouped") not in ("grouped", "flat"):
-            raise c.fail(f"{where}.options", f"unknown router kind {options.get('router')!r}")
+        c.plain(row.get("options"), f"{where}.options")
+        try:  # the one definition of what a composition's settings may be
+            row["config"] = AtmoeConfig.from_columns(row, general=row.get("general") is not None)
+        except UsageError as error:
+            raise c.fail(where, str(error)) from None
 
         def pinned(entry: Any, at: str) -> tuple[str, int]:
             entry = c.obj(entry, at)
@@ -773,21 +769,15 @@ def _insert(
         for entry in sorted(row["members"], key=lambda m: (row["groups"].index(m["group"]), m["slot"])):
             members[entry["group"]].append(by_key[(entry["name"], entry["version"])])
         general = by_key[(row["general"]["name"], row["general"]["version"])] if row.get("general") else None
-        options = dict(row.get("options") or {})
         spec = composition_service.ComposeSpec(
             name=row["name"],
             groups=tuple(row["groups"]),
-            lam=row["lam"],
-            learn_lambda=row["learn_lambda"],
-            temperature=row["temperature"],
-            routing=row["routing"],
-            router=options.get("router", "grouped"),
-            shared_router=bool(options.get("shared_router", False)),
-            static_inside=bool(options.get("static_inside", False)),
+            config=row["config"],
+            general=general.ref if general is not None else None,
             description=row.get("description"),
         )
         composition, created = composition_service.pin(
-            session, spec, members, general, row["lam"],
+            session, spec, members, general,
             created_by=row.get("created_by") or current_user(), created_at=row.get("created_at"),
         )
         if created:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session
 
 from atmoe.errors import InvalidAdapter
-from atmoe.registry.compositions import members_by_group
+from atmoe.registry.compositions import composition_config, members_by_group
 from atmoe.registry.models import Composition, Expert, Router
 from atmoe.registry.routers import resolve_router
 from atmoe.registry.store import BlobStore
@@ -91,19 +91,7 @@ def build_composition(
         for group, members in groups.items()
     }
     general = _adapter(composition.general_expert, general_files) if general_files is not None else None
-    options = dict(composition.options or {})
-    model = build_atmoe(
-        base,
-        adapters,
-        general=general,
-        lam=composition.lam,
-        learn_lambda=composition.learn_lambda,
-        temperature=composition.temperature,
-        routing=composition.routing,
-        router=options.get("router", "grouped"),
-        shared_router=bool(options.get("shared_router", False)),
-        static_inside=bool(options.get("static_inside", False)),
-    )
+    model = build_atmoe(base, adapters, general=general, config=composition_config(composition))
     if router_bytes is not None:
         load_router_bytes(model, router_bytes)
     model.eval()

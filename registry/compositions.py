@@ -15,30 +15,23 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from atmoe.config import AtmoeConfig
 from atmoe.errors import CompositionNotFound, GroupNotFound, InvalidComposition, UsageError
 from atmoe.registry.experts import get_expert
 from atmoe.registry.models import Composition, CompositionExpert, Expert, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
 
-ROUTING_MODES = ("sequence", "token")
-ROUTER_KINDS = ("grouped", "flat")
-
 
 @dataclass(frozen=True)
 class ComposeSpec:
-    """What a user asked for; ``lam`` None means 1.0 without a general expert and 0.5 with one."""
+    """What a user asked for: the groups, optional narrowing expert references, the general expert's
+    reference, and how to mix them (``AtmoeConfig``, whose ``general`` must say whether there is one)."""
 
     name: str
     groups: tuple[str, ...]
+    config: AtmoeConfig
     experts: tuple[str, ...] = ()
     general: str | None = None
-    lam: float | None = None
-    learn_lambda: bool = False
-    temperature: float = 1.0
-    routing: str = "sequence"
-    router: str = "grouped"
-    shared_router: bool = False
-    static_inside: bool = False
     description: str | None = None
 
     def __post_init__(self) -> None:
@@ -49,14 +42,8 @@ class ComposeSpec:
             raise UsageError(f"--groups lists a group twice: {','.join(self.groups)}")
         for group in self.groups:
             validate_name(group, "group name")
-        if self.lam is not None and not 0.0 <= self.lam <= 1.0:
-            raise UsageError(f"--lambda must lie in [0, 1], not {self.lam}")
-        if not self.temperature > 0 or self.temperature != self.temperature:
-            raise UsageError(f"--temperature must be > 0, not {self.temperature}")
-        if self.routing not in ROUTING_MODES:
-            raise UsageError(f"--routing must be one of {', '.join(ROUTING_MODES)}, not {self.routing!r}")
-        if self.router not in ROUTER_KINDS:
-            raise UsageError(f"--router must be one of {', '.join(ROUTER_KINDS)}, not {self.router!r}")
+        if self.config.general != (self.general is not None):
+            raise UsageError("the composition's config and --general disagree on whether there is a general expert")
 
 
 def _latest_per_name(session: Session, group: Group) -> list[Expert]:
@@ -111,31 +98,29 @@ def plan_members(session: Session, spec: ComposeSpec) -> tuple[dict[str, list[Ex
     return members, general
 
 
-def spec_digest(spec: ComposeSpec, members: dict[str, list[Expert]], general: Expert | None, lam: float) -> str:
+def spec_digest(config: AtmoeConfig, members: dict[str, list[Expert]], general: Expert | None) -> str:
     """sha256 of the canonical spec: the same experts, order and settings give the same digest."""
     document = {
         "groups": [[group, [[e.name, e.version, e.digest] for e in experts]] for group, experts in members.items()],
         "general": [general.name, general.version, general.digest] if general else None,
-        "lam": lam,
-        "learn_lambda": spec.learn_lambda,
-        "temperature": spec.temperature,
-        "routing": spec.routing,
-        "options": _options(spec),
+        **config.to_columns(),
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
-
-
-def _options(spec: ComposeSpec) -> dict:
-    return {"router": spec.router, "shared_router": spec.shared_router, "static_inside": spec.static_inside}
 
 
 def compose(session: Session, spec: ComposeSpec, *, created_by: str | None = None) -> tuple[Composition, bool]:
     """Record (or find) the composition version of ``spec`` in ``session``; returns (row, created)."""
     members, general = plan_members(session, spec)
-    lam = spec.lam if spec.lam is not None else (0.5 if general is not None else 1.0)
-    if general is None and spec.lam not in (None, 1.0):
-        raise InvalidComposition("--lambda below 1 needs a --general expert to blend with")
-    return pin(session, spec, members, general, lam, created_by=created_by)
+    return pin(session, spec, members, general, created_by=created_by)
+
+
+def composition_config(composition: Composition) -> AtmoeConfig:
+    """The ``AtmoeConfig`` a composition version stores."""
+    return AtmoeConfig.from_columns(
+        {"lam": composition.lam, "learn_lambda": composition.learn_lambda, "temperature": composition.temperature,
+         "routing": composition.routing, "options": composition.options},
+        general=composition.general_expert_id is not None,
+    )
 
 
 def pin(
@@ -143,7 +128,6 @@ def pin(
     spec: ComposeSpec,
     members: dict[str, list[Expert]],
     general: Expert | None,
-    lam: float,
     *,
     created_by: str | None = None,
     created_at=None,
@@ -152,7 +136,7 @@ def pin(
     the existing one with the same spec digest, else the next version. Shared by compose and import."""
     from atmoe.registry.db import next_value
 
-    digest = spec_digest(spec, members, general, lam)
+    digest = spec_digest(spec.config, members, general)
     existing = session.scalars(
         select(Composition).where(Composition.name == spec.name, Composition.spec_digest == digest)
     ).first()
@@ -167,11 +151,7 @@ def pin(
         groups=list(members),
         n_groups=len(members),
         n_max=max(len(experts) for experts in members.values()),
-        lam=lam,
-        learn_lambda=spec.learn_lambda,
-        temperature=spec.temperature,
-        routing=spec.routing,
-        options=_options(spec),
+        **spec.config.to_columns(),
         general_expert=general,
         spec_digest=digest,
         description=spec.description,

@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from atmoe.config import AtmoeConfig
 from atmoe.errors import UsageError
 
 from atmoe.registry import db, experts
@@ -227,24 +228,24 @@ class Registry:
         groups: Sequence[str],
         experts: Sequence[str] = (),
         general: str | None = None,
-        lam: float | None = None,
-        learn_lambda: bool = False,
-        temperature: float = 1.0,
-        routing: str = "sequence",
-        router: str = "grouped",
-        shared_router: bool = False,
-        static_inside: bool = False,
+        config: AtmoeConfig | None = None,
         description: str | None = None,
         created_by: str | None = None,
+        **options: Any,
     ) -> tuple[dict[str, Any], bool]:
-        """Pin a composition version (the same spec returns the existing one); returns (record, created)."""
+        """Pin a composition version (the same spec returns the existing one); returns (record, created).
+
+        ``config`` says how the experts are mixed; ``options`` are its fields as keywords instead
+        (``lam=0.7, router="flat"``), for a config made here with ``general`` set from ``general``.
+        """
         from atmoe.registry import compositions
 
-        spec = compositions.ComposeSpec(
-            name=name, groups=tuple(groups), experts=tuple(experts), general=general, lam=lam,
-            learn_lambda=learn_lambda, temperature=temperature, routing=routing, router=router,
-            shared_router=shared_router, static_inside=static_inside, description=description,
-        )
+        if config is None:
+            config = AtmoeConfig(**options, general=general is not None)
+        elif options:
+            raise UsageError(f"pass the settings in config or as keywords, not both ({', '.join(sorted(options))})")
+        spec = compositions.ComposeSpec(name=name, groups=tuple(groups), config=config, experts=tuple(experts),
+                                        general=general, description=description)
 
         def work(session: Session) -> tuple[dict[str, Any], bool]:
             row, created = compositions.compose(session, spec, created_by=created_by or current_user())

@@ -178,7 +178,7 @@ def test_bad_groups_and_compositions(catalog: dict[str, Any], snapshot: Callable
         ("unknown expert", (*compose, "functional", "--expert", "nobody"), 1, "no expert named 'nobody'"),
         ("group listed twice", (*compose, "functional,functional"), 2, "lists a group twice"),
         ("lambda out of range", (*compose, "functional", "--lambda", "2"), 2, "--lambda"),
-        ("lambda without general", (*compose, "functional", "--lambda", "0.5"), 1, "needs a --general"),
+        ("lambda without general", (*compose, "functional", "--lambda", "0.5"), 2, "needs a --general"),
         ("temperature zero", (*compose, "functional", "--temperature", "0"), 2, "--temperature"),
         ("unknown composition", ("compositions", "show", "nothing"), 1, "no composition nothing"),
         ("unknown router", ("route", "med:7", "hi"), 1, "has no router 7"),

@@ -116,7 +116,7 @@ def test_building_twice_on_the_same_base_is_refused(llama, experts):
 @pytest.mark.parametrize(
     "kwargs, flag",
     [
-        (dict(lam=0.5), "--lambda needs a general expert"),
+        (dict(lam=0.5), "--lambda below 1 needs a --general expert"),
         (dict(temperature=0.0), "--temperature"),
         (dict(temperature=float("nan")), "--temperature"),
         (dict(routing="paragraph"), "--routing"),
