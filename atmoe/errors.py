@@ -28,32 +28,27 @@ class PickleRefused(InvalidAdapter):
     """Adapter weights stored as a pickle (.bin/.pt/.pth/.ckpt): never loaded, refused."""
 
 
-class ExpertNotFound(AtmoeError, KeyError):
-    """No expert matches a reference."""
+class NotFound(AtmoeError, KeyError):
+    """Base of the lookups that found nothing; a ``KeyError`` whose message is not quoted."""
 
     def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else "expert not found"
+        return str(self.args[0]) if self.args else f"{type(self).__name__}: not found"
 
 
-class CompositionNotFound(AtmoeError, KeyError):
+class ExpertNotFound(NotFound):
+    """No expert matches a reference."""
+
+
+class CompositionNotFound(NotFound):
     """No composition matches a reference."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "composition not found"
 
-
-class RouterNotFound(AtmoeError, KeyError):
+class RouterNotFound(NotFound):
     """No router (number or alias) matches a reference."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "router not found"
 
-
-class GroupNotFound(AtmoeError, KeyError):
+class GroupNotFound(NotFound):
     """A group that the catalog does not know."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "group not found"
 
 
 class InvalidComposition(AtmoeError, ValueError):

@@ -8,18 +8,15 @@ from atmoe.router import FlatRouter, GroupedRouter
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The routers' parameters (each once, also when shared) and any learned lambdas of ``model``."""
+    """The routers' parameters (each once, also when shared), then any learned lambdas of ``model``."""
+    routers = [m.parameters() for m in model.modules() if isinstance(m, (GroupedRouter, FlatRouter))]
+    lambdas = [getattr(m, "lambda_logits", None) or [] for m in model.modules()]
     params: list[nn.Parameter] = []
     seen: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, (GroupedRouter, FlatRouter)):
-            candidates = list(module.parameters())
-        else:
-            candidates = list(getattr(module, "lambda_logits", None) or [])
-        for param in candidates:
-            if id(param) not in seen:
-                seen.add(id(param))
-                params.append(param)
+    for param in [p for group in routers + lambdas for p in group]:
+        if id(param) not in seen:
+            seen.add(id(param))
+            params.append(param)
     return params
 
 

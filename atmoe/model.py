@@ -424,10 +424,9 @@ class AtMoEModel(nn.Module):
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters: the routers' (once each if shared) and the learned lambdas."""
-        params = list(self.routers.parameters())
-        if self.lambda_logits is not None:
-            params += list(self.lambda_logits)
-        return params
+        from atmoe.freeze import router_parameters
+
+        return router_parameters(self)
 
     def router_state_dict(self) -> dict[str, Tensor]:
         """What a router blob stores: ``routers.<i>.<param>``, each block's input standardisation

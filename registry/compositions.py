@@ -231,13 +231,6 @@ def members_by_group(composition: Composition) -> dict[str, list[CompositionExpe
     return grouped
 
 
-def pinned_expert_ids(session: Session) -> set[int]:
-    """Experts a composition pins (as a member or as its general expert): remove refuses them."""
-    ids = set(session.scalars(select(CompositionExpert.expert_id)))
-    ids |= {i for i in session.scalars(select(Composition.general_expert_id)) if i is not None}
-    return ids
-
-
 def check_forced_names(composition: Composition, weights) -> None:
     """Forced weights may only name the composition's routed experts (a usage error otherwise)."""
     known = [m.expert.name for m in composition.members]

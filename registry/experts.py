@@ -265,12 +265,6 @@ def list_experts(
     return list(session.scalars(statement.options(loader).order_by(Expert.name, Expert.version)))
 
 
-SUMMARY_COLUMNS = (
-    "name", "version", "group", "domain", "style", "tags", "base_model", "r", "alpha",
-    "use_rslora", "digest", "size", "created_at", "created_by",
-)  # fmt: skip
-
-
 def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
     """Plain rows for listings (no ORM objects, so 100,000 experts list in well under a second).
 

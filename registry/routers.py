@@ -137,7 +137,3 @@ def router_record(session: Session, router: Router) -> dict:
         "created_by": router.created_by,
         "notes": router.notes,
     }
-
-
-def referenced_router_blobs(session: Session) -> set[str]:
-    return set(session.scalars(select(Router.blob_digest)))

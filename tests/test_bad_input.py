@@ -330,18 +330,18 @@ def test_database_on_a_network_filesystem_warns_and_points_to_postgresql(
     catalog: dict[str, Any], snapshot: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite by nature, so the case names its own SQLite file (also under ATMOE_TEST_PG=1)."""
-    from atmoe.registry import db
+    from atmoe.registry import netfs
 
     database = catalog["root"] / "on-nfs" / "registry.db"
     url = f"sqlite:///{database}"
-    monkeypatch.setattr(db, "network_filesystem", lambda _path: "nfs4")
+    monkeypatch.setattr(netfs, "network_filesystem", lambda _path: "nfs4")
     ok("--db", url, "init")
     cases: list[Case] = [
         ("list", ("--db", url, "list", "--json"), 0, "network filesystem (nfs4)"),
         ("groups", ("--db", url, "groups", "--json"), 0, "use PostgreSQL (--db postgresql+psycopg://"),
     ]
     for label, args, code, fragment in cases:  # the warning comes once per process and path
-        monkeypatch.setattr(db, "_warned", set())
+        monkeypatch.setattr(netfs, "_warned", set())
         _run_cases("network filesystem", [(label, args, code, fragment)], lambda: snapshot(db_url=url), prefix="Warning: ")
     with create_engine(url).connect() as connection:  # no WAL where shared memory is not shared
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal"

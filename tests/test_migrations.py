@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, inspect, select, text
 
 from atmoe.cli import main
 from atmoe.errors import SchemaMismatch
-from atmoe.registry import db
+from atmoe.registry import db, netfs
 from atmoe.registry.config import resolve
 from atmoe.registry.models import Base, Expert
 
@@ -223,7 +223,7 @@ MOUNTINFO = """\
     ],
 )
 def test_mountinfo_longest_mount_point_wins(path: str, expected: str) -> None:
-    assert db.mountinfo_fstype(path, MOUNTINFO) == expected
+    assert netfs.mountinfo_fstype(path, MOUNTINFO) == expected
 
 
 @pytest.mark.parametrize(
@@ -244,21 +244,21 @@ def test_mountinfo_longest_mount_point_wins(path: str, expected: str) -> None:
     ],
 )
 def test_network_filesystem_detection(tmp_path: Path, magic: int | None, fstype: str | None, expected: str | None) -> None:
-    found = db.network_filesystem(tmp_path / "registry.db", magic=lambda _p: magic, fstype=lambda _p: fstype)
+    found = netfs.network_filesystem(tmp_path / "registry.db", magic=lambda _p: magic, fstype=lambda _p: fstype)
     assert found == expected
 
 
 def test_statfs_reads_this_machine(tmp_path: Path) -> None:
-    magic = db.statfs_magic(tmp_path)
+    magic = netfs.statfs_magic(tmp_path)
     assert magic is None or isinstance(magic, int)
-    assert db.network_filesystem(tmp_path) is None  # the temp dir is local
+    assert netfs.network_filesystem(tmp_path) is None  # the temp dir is local
 
 
 def test_network_filesystem_warning_points_to_postgresql(
     sqlite_only: None, monkeypatch: pytest.MonkeyPatch, snapshot: Callable[[], Any]
 ) -> None:
-    monkeypatch.setattr(db, "_warned", set())
-    monkeypatch.setattr(db, "network_filesystem", lambda _path: "nfs4")
+    monkeypatch.setattr(netfs, "_warned", set())
+    monkeypatch.setattr(netfs, "network_filesystem", lambda _path: "nfs4")
     first = invoke("list")
     assert first.exit_code == 0
     warnings = [line for line in first.stderr.splitlines() if line.startswith("Warning:")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -22,8 +21,7 @@ console = Console(stderr=True)
 def progress_bar(label: str, total: int) -> Iterator[Callable[..., None]]:
     """Yield ``advance(**fields)``; fields (e.g. loss) are shown next to the bar."""
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                        transient=not sys.stderr.isatty() and False)
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
     with progress:
         task = progress.add_task(label, total=total, info="")
 
