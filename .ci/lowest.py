@@ -6,8 +6,9 @@ cannot drift apart.
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 PACKAGES = sys.argv[1:] or ["transformers", "peft", "accelerate"]
 

@@ -16,12 +16,12 @@ base embedding output (the embeddings without the experts' delta), once, for bot
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
-
-from torch import nn
+from typing import Any
 
 import torch
+from torch import nn
 
 from atmoe.adapters import LoraAdapter, load_adapter
 from atmoe.config import AtmoeConfig

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from atmoe.errors import UsageError
 
@@ -114,7 +115,7 @@ class AtmoeConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AtmoeConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> AtmoeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -131,7 +132,7 @@ class AtmoeConfig:
         }
 
     @classmethod
-    def from_columns(cls, columns: Mapping[str, Any], *, general: bool) -> "AtmoeConfig":
+    def from_columns(cls, columns: Mapping[str, Any], *, general: bool) -> AtmoeConfig:
         """Read ``to_columns()`` back (missing router options take their defaults); ``UsageError``
         for values no composition can have."""
         options = columns.get("options") or {}

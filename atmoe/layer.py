@@ -27,8 +27,8 @@ LoRA dropout is not applied (the experts are frozen: eval semantics).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +73,7 @@ class BlockRouting:
         # one small integer per distinct stack signature among this block's layers: the scale-row key
         self._stack_ids: dict[tuple, int] = {}
 
-    def add_layer(self, layer: "MixtureLoraLinear | MixtureLoraEmbedding", signature: tuple) -> int:
+    def add_layer(self, layer: MixtureLoraLinear | MixtureLoraEmbedding, signature: tuple) -> int:
         """Register ``layer``; returns the id of its stack (layers with equal signatures share rows)."""
         self.layers.append(layer)
         return self._stack_ids.setdefault(signature, len(self._stack_ids))
@@ -101,7 +101,7 @@ class BlockRouting:
         self._rows = {}
 
     def scale_row(
-        self, layer: "MixtureLoraLinear | MixtureLoraEmbedding", extra: str | None = None, *, untokened: bool = False
+        self, layer: MixtureLoraLinear | MixtureLoraEmbedding, extra: str | None = None, *, untokened: bool = False
     ) -> Tensor:
         """lambda w_e s_e (or (1 - lambda) s_p) for each of the layer's rank rows: [B, 1|T, R];
         with ``extra`` ("bias" / "gain"), the coefficient c_e of each such piece: [B, 1|T, P].

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,6 @@ from atmoe.errors import AtmoeError, RoutingError
 from atmoe.layer import BlockRouting
 from atmoe.router import FlatRouter, GroupedRouter, InputStandardizer
 from atmoe.routing import group_totals, pool_hidden
-
 
 
 @dataclass
@@ -174,7 +174,7 @@ class AtMoEModel(nn.Module):
     @contextmanager
     def request(
         self, *, attention_mask: Tensor | None = None, routing_mask: Tensor | None = None
-    ) -> Iterator["AtMoEModel"]:
+    ) -> Iterator[AtMoEModel]:
         """One request: its first forward (the prompt, [B, T] like the mask) is routed, and every later
         forward inside reuses that routing; for a hand-written decode loop over a KV cache.
 
@@ -301,7 +301,7 @@ class AtMoEModel(nn.Module):
     @contextmanager
     def calibrating_router_inputs(
         self, reduce: Callable[[Tensor], Tensor] | None = None
-    ) -> Iterator["AtMoEModel"]:
+    ) -> Iterator[AtMoEModel]:
         """Forwards inside collect every block's router inputs; on a clean exit each block's input
         standardisation becomes their per-feature mean and std (see ``InputStandardizer``).
 
@@ -329,7 +329,7 @@ class AtMoEModel(nn.Module):
             standardize.set_from_moments(packed[:hidden], packed[hidden:2 * hidden], float(packed[-1]))
         self._invalidate()
 
-    def _observe(self, moments: "_Moments", index: int, hidden: Tensor) -> None:
+    def _observe(self, moments: _Moments, index: int, hidden: Tensor) -> None:
         """Add block ``index``'s router inputs of this forward to ``moments`` (while calibrating)."""
         if self._forced is not None:
             return
@@ -380,7 +380,7 @@ class AtMoEModel(nn.Module):
             raise AtmoeError("no routing yet: run the model on an input first")
 
     @contextmanager
-    def forced_routing(self, weights: Mapping[str, float]) -> Iterator["AtMoEModel"]:
+    def forced_routing(self, weights: Mapping[str, float]) -> Iterator[AtMoEModel]:
         """Use these expert weights (by name) in every block instead of the routers'.
 
         Missing experts get 0; weights are not renormalised; lambda and the general expert still

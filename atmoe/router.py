@@ -12,7 +12,7 @@ device but keeps their parameters float32, and the input is cast to float32.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -22,6 +22,7 @@ from atmoe.data import Encoded, Example, check_intents, collate, encode_example
 from atmoe.freeze import freeze_all_but_routers
 from atmoe.routing import group_totals
 
+
 def lr_factor(schedule: str, warmup_ratio: float, total_steps: int):
     """The learning-rate multiplier of optimizer step ``step`` (0-based) as a function: a linear warm-up
     from 0 over ``warmup_ratio`` of the steps, then ``schedule`` (cosine or linear decay to 0, or constant).

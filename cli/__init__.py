@@ -6,9 +6,8 @@ below. Modules must not import torch at import time (``atmoe-reg list`` stays fa
 
 from __future__ import annotations
 
-from atmoe.cli.app import get_registry, main
-
 from atmoe.cli import compositions, db, experts, routers, transfer  # noqa: E402,F401  (registers the commands)
+from atmoe.cli.app import get_registry, main
 
 __all__ = ["get_registry", "main"]
 from atmoe.cli import demo  # noqa: E402,F401  (registers the demo command)

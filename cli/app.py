@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from atmoe.errors import AtmoeError, UsageError
 from atmoe.cli import output
+from atmoe.errors import AtmoeError, UsageError
 
 if TYPE_CHECKING:
     from atmoe.registry.registry import Registry

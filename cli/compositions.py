@@ -9,6 +9,7 @@ from atmoe.cli.app import get_registry, main
 from atmoe.cli.options import dataclass_options, json_option, pop_config
 from atmoe.config import AtmoeConfig
 
+
 def _group_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 

@@ -54,5 +54,6 @@ def dataclass_options(cls: type, *, skip: tuple[str, ...] = ()) -> Callable[[Cal
 def pop_config(cls: type[T], kwargs: dict[str, Any], **fixed: Any) -> T:
     """Build ``cls`` from (and remove from ``kwargs``) the options ``dataclass_options`` added;
     ``fixed`` sets the fields that are not options (``general=...``)."""
+    assert dataclasses.is_dataclass(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("flag") and f.name in kwargs]
     return cls(**{name: kwargs.pop(name) for name in names}, **fixed)

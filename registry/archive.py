@@ -631,9 +631,9 @@ def _check_manifest(staged: _Staged, archive: Path, work: Path) -> tuple[dict[st
             if group not in slots:
                 raise c.fail(at, f"group {group!r} is not one of the composition's groups")
             slots[group].append(c.integer(entry.get("slot"), f"{at}.slot"))
-        for group, numbers in slots.items():
-            if sorted(numbers) != list(range(len(numbers))) or not numbers:
-                raise c.fail(where, f"group {group!r} has slots {numbers}, expected 0..n-1")
+        for group, group_slots in slots.items():
+            if sorted(group_slots) != list(range(len(group_slots))) or not group_slots:
+                raise c.fail(where, f"group {group!r} has slots {group_slots}, expected 0..n-1")
         if len({k[0] for k in member_keys}) != len(member_keys):
             raise c.fail(where, "pins one expert name twice")
         if row.get("general") is not None:

@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
+from atmoe.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 from atmoe.errors import InvalidAdapter
 from atmoe.registry.compositions import composition_config, members_by_group
 from atmoe.registry.models import Composition, Expert, Router
 from atmoe.registry.routers import resolve_router
 from atmoe.registry.store import BlobStore
-
-from atmoe.adapter_format import CONFIG_FILE, WEIGHTS_FILE
 
 
 @dataclass

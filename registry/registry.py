@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session
 
 from atmoe.config import AtmoeConfig
 from atmoe.errors import UsageError
-
 from atmoe.registry import db, experts
 from atmoe.registry.config import Settings, resolve
 from atmoe.registry.experts import current_user

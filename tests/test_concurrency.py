@@ -20,9 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_lora import ok, write_adapter  # noqa: E402
-
 from sqlalchemy import select  # noqa: E402
+from synthetic_lora import ok, write_adapter  # noqa: E402
 
 from atmoe.registry import Registry  # noqa: E402
 from atmoe.registry.models import Expert, ExpertFile  # noqa: E402

@@ -24,9 +24,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_lora import ok, write_adapter  # noqa: E402
-
 from sqlalchemy import select  # noqa: E402
+from synthetic_lora import ok, write_adapter  # noqa: E402
 
 from atmoe.registry import Registry  # noqa: E402
 from atmoe.registry.config import resolve  # noqa: E402

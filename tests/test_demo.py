@@ -11,8 +11,9 @@ import json
 import math
 
 import pytest
-from atmoe.cli import main
 from click.testing import CliRunner
+
+from atmoe.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -71,10 +72,9 @@ def test_group_layouts_on_a_tiny_profile(tmp_path, monkeypatch):
     layout is registered (the same blobs under its own names), composed, trained per seed and scored."""
     from dataclasses import replace
 
-    from atmoe.registry.registry import Registry
-
     from atmoe.demo import pipeline, tasks
     from atmoe.demo.layouts import LAYOUTS
+    from atmoe.registry.registry import Registry
 
     tiny = replace(pipeline.QUICK, suite=tasks.DEFAULT_SUITE, base=replace(pipeline.QUICK.base, pretrain_steps=40),
                    expert=replace(pipeline.QUICK.expert, steps=20), general_steps=20, n_expert=40, n_router=48,

@@ -125,8 +125,8 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 @example(config=json.dumps({"peft_type": "LORA", "r": 2, "rank_pattern": {"(?i)q": 2}}).encode())
 @example(config=json.dumps({"peft_type": "LORA", "r": 2, "rank_pattern": {"\\1": 2}}).encode())
 def test_fuzzed_configs_raise_only_our_errors(config: bytes) -> None:
-    from safetensors.numpy import save
     import numpy as np
+    from safetensors.numpy import save
 
     weights = save({f"{MODULE}.lora_A.weight": np.ones((2, 4), np.float32),
                     f"{MODULE}.lora_B.weight": np.ones((4, 2), np.float32)})

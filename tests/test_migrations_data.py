@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_lora import assert_one_line, invoke, ok, write_adapter  # noqa: E402
-
 from sqlalchemy import MetaData, select  # noqa: E402
+from synthetic_lora import assert_one_line, invoke, ok, write_adapter  # noqa: E402
 
 from atmoe.registry import db  # noqa: E402
 from atmoe.registry.config import resolve  # noqa: E402
@@ -79,7 +79,9 @@ def test_upgrade_from_0001_with_data_then_use_the_catalog(tmp_path: Path, snapsh
             tables.reflect(connection)
             connection.execute(tables.tables["groups"].insert().values(
                 name="safety", description="red flags", created_at=datetime(2024, 5, 1, tzinfo=timezone.utc)))
-            add: Callable[..., None] = lambda path, **row: _add_at_0001(connection, tables.tables, store, path, **row)
+            def add(path: Path, **row: Any) -> None:
+                _add_at_0001(connection, tables.tables, store, path, **row)
+
             add(adapters["g1"], name="gastro", version=1, group="domain", domain="gastroenterology",
                 tags={"team": "gi"}, description="first")
             add(adapters["g2"], name="gastro", version=2, group="domain", domain="gastroenterology")

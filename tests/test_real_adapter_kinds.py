@@ -83,8 +83,9 @@ def test_each_kind_forced_alone_equals_peft(built):
         with model.forced_routing({kind: 1.0}):
             ours = outputs(model, ids, mask)
         reference = outputs(peft_with(base, dirs, [kind]), ids, mask)
-        for got, expected, untouched in zip(ours, reference, plain):
-            torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4, msg=lambda m: f"{name} {kind}: {m}")
+        label = f"{name} {kind}"
+        for got, expected in zip(ours, reference):
+            torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4, msg=lambda m, label=label: f"{label}: {m}")
         assert any(not torch.allclose(got, p, atol=1e-3) for got, p in zip(ours, plain)), f"{kind} changes nothing"
 
 

@@ -207,10 +207,9 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
     steps.timed("base model", t)
 
     # 3. experts through PEFT, then the registry ----------------------------------------------
-    from atmoe.registry.registry import Registry
-
     from atmoe.demo.experts import train_lora
     from atmoe.loading import load_base_model
+    from atmoe.registry.registry import Registry
 
     # loaded once (about 20 s for a GGUF model): every expert trains on a copy, every baseline evaluates on one
     base, base_tokenizer = load_base_model(base_ref)
