@@ -164,8 +164,9 @@ def _positive_number(value: Any, field_name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _config_error(f"{field_name} must be a finite number, not {value!r}")
     if value <= 0:
-        raise _config_error(f"{field_name} must be > 0, not {value!r} (the expert would add nothing or "
-                            "subtract itself)")
+        raise _config_error(
+            f"{field_name} must be > 0, not {value!r} (the expert would add nothing or subtract itself)"
+        )
     return float(value)
 
 
@@ -256,13 +257,17 @@ def read_settings(config: Mapping[str, Any]) -> LoraSettings:
 
 def _check_scales(settings: LoraSettings) -> None:
     """Every scaling s the config can give must be a finite float32 (alpha 1e308 is not)."""
-    alphas = [("lora_alpha", settings.alpha)] + [(f"alpha_pattern[{k!r}]", v) for k, v in settings.alpha_pattern.items()]
+    alphas = [("lora_alpha", settings.alpha)] + [
+        (f"alpha_pattern[{k!r}]", v) for k, v in settings.alpha_pattern.items()
+    ]
     ranks = [settings.r, *settings.rank_pattern.values()]
     for field_name, alpha in alphas:
         for r in ranks:
             scale = alpha / math.sqrt(r) if settings.use_rslora else alpha / r
             if not scale < _FLOAT32_MAX:
-                raise _config_error(f"{field_name} = {alpha!r} gives a LoRA scaling of {scale:.3g}, which overflows float32")
+                raise _config_error(
+                    f"{field_name} = {alpha!r} gives a LoRA scaling of {scale:.3g}, which overflows float32"
+                )
 
 
 # -- adapter_model.safetensors ---------------------------------------------------------------
@@ -275,14 +280,14 @@ def parse_key(name: str) -> TensorKey:
             f"tensor {name!r} does not start with {KEY_PREFIX!r}: not saved by PeftModel.save_pretrained "
             "(PEFT would not load it onto the base model)"
         )
-    segments = name[len(KEY_PREFIX):].split(".")
+    segments = name[len(KEY_PREFIX) :].split(".")
     if not all(_SEGMENT.match(segment) for segment in segments):
         raise _weights_error(f"tensor name {name!r} is not a valid module path")
     for index, segment in enumerate(segments):
         tails = _PARTS.get(segment)
         if tails is None or index == 0:
             continue
-        rest = tuple(segments[index + 1:])
+        rest = tuple(segments[index + 1 :])
         part = tails.get(rest) or (tails.get(rest[1:]) if rest and segment != "base_layer" else None)
         if part is None:
             break
@@ -303,7 +308,9 @@ def module_layouts(
     for name, shape in shapes.items():
         key = parse_key(name)
         if dtypes is not None and dtypes[name] not in FLOAT_DTYPES:
-            raise _weights_error(f"tensor {name!r} has dtype {dtypes[name]}; LoRA weights must be F16, BF16, F32 or F64")
+            raise _weights_error(
+                f"tensor {name!r} has dtype {dtypes[name]}; LoRA weights must be F16, BF16, F32 or F64"
+            )
         if key.part in parts.setdefault(key.module, {}):
             raise _weights_error(f"module {key.module!r} has its {key.part} tensor twice ({name!r})")
         parts[key.module][key.part] = tuple(shape)
@@ -343,14 +350,18 @@ def _module_layout(settings: LoraSettings, module: str, found: dict[str, tuple[i
             raise _config_error(f"lora_bias is set but {module!r} is an embedding (PEFT refuses lora_bias there)")
         raise _weights_error(f"module {module!r} has no lora_B.bias but the config sets lora_bias")
     if has_bias and found["B_bias"] != (out_features,):
-        raise _weights_error(f"module {module!r}: lora_B.bias {list(found['B_bias'])} does not match {out_features} outputs")
+        raise _weights_error(
+            f"module {module!r}: lora_B.bias {list(found['B_bias'])} does not match {out_features} outputs"
+        )
     has_magnitude = "magnitude" in found
     if has_magnitude != settings.use_dora:
         if has_magnitude:
             raise _weights_error(f"module {module!r} has lora_magnitude_vector but the config's use_dora is false")
         raise _weights_error(f"module {module!r} has no lora_magnitude_vector but the config sets use_dora")
     if has_magnitude and embedding:
-        raise _config_error(f"use_dora on the embedding {module!r}: DoRA on embeddings cannot be mixed, only on linears")
+        raise _config_error(
+            f"use_dora on the embedding {module!r}: DoRA on embeddings cannot be mixed, only on linears"
+        )
     if has_magnitude and found["magnitude"] != (out_features,):
         raise _weights_error(
             f"module {module!r}: lora_magnitude_vector {list(found['magnitude'])} does not match {out_features} outputs"

@@ -124,8 +124,9 @@ def _as_adapter(source: AdapterSource, name: str) -> LoraAdapter:
         return source
     if isinstance(source, (str, Path)):
         return load_adapter(source, name=name)
-    raise InvalidComposition(f"expert {name!r}: expected an adapter directory or a LoraAdapter, not "
-                             f"{type(source).__name__}")
+    raise InvalidComposition(
+        f"expert {name!r}: expected an adapter directory or a LoraAdapter, not {type(source).__name__}"
+    )
 
 
 def _piece(adapter: LoraAdapter, key: str, column: int, modules: dict[str, nn.Module]) -> LoraPiece:
@@ -173,15 +174,16 @@ def _piece(adapter: LoraAdapter, key: str, column: int, modules: dict[str, nn.Mo
     return LoraPiece(column=column, A=lora_a, B=lora_b, scale=scale, bias=adapter.part(key, "B_bias"), gain=gain)
 
 
-def _dora_gain(module: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-               magnitude: torch.Tensor) -> torch.Tensor:
+def _dora_gain(
+    module: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, magnitude: torch.Tensor
+) -> torch.Tensor:
     """DoRA's g = m / ||W0 + s B A|| over each output row [d], in float32 (PEFT: ``get_weight_norm``,
     detached in eval; a Conv1D's [in, out] weight is read transposed, as fan_in_fan_out does)."""
     weight = module.weight.detach().float()
     if not isinstance(module, nn.Linear):
-        weight = weight.T                                                          # [d, k]
-    merged = weight + scale * (lora_b.float() @ lora_a.float())                    # [d, k]
-    return magnitude.float() / torch.linalg.norm(merged, dim=1)                    # [d]
+        weight = weight.T  # [d, k]
+    merged = weight + scale * (lora_b.float() @ lora_a.float())  # [d, k]
+    return magnitude.float() / torch.linalg.norm(merged, dim=1)  # [d]
 
 
 def _block_path(key: str, modules: dict[str, nn.Module], order: dict[str, int]) -> str:
@@ -203,8 +205,10 @@ def _block_list(modules: dict[str, nn.Module]) -> str | None:
     """The path of the model's transformer blocks: the outermost non-empty ``nn.ModuleList`` holding
     the most parameters (``model.layers``, ``transformer.h``, ``encoder.layer``)."""
     lists = [
-        path for path, module in modules.items()
-        if isinstance(module, nn.ModuleList) and len(module) > 0
+        path
+        for path, module in modules.items()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
         and not any(isinstance(modules.get(parent), nn.ModuleList) for parent in _ancestors(path))
     ]
     if not lists:

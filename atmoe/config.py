@@ -53,7 +53,8 @@ class AtmoeConfig:
         default=False,
     )
     temperature: float = option(
-        "--temperature", "Softmax temperature tau of both routing stages; small is sharp, large is even.",
+        "--temperature",
+        "Softmax temperature tau of both routing stages; small is sharp, large is even.",
         default=1.0,
     )
     routing: str = option(
@@ -64,7 +65,8 @@ class AtmoeConfig:
         default="sequence",
     )
     router: str = option(
-        "--router", "'grouped': the AT-MoE two-stage softmax; 'flat': one softmax over all experts (an ablation).",
+        "--router",
+        "'grouped': the AT-MoE two-stage softmax; 'flat': one softmax over all experts (an ablation).",
         choices=ROUTER_KINDS,
         default="grouped",
     )
@@ -78,7 +80,8 @@ class AtmoeConfig:
         default=False,
     )
     general: bool = option(
-        None, "Whether the composition has a pre-merged general expert (set from --general / general=).",
+        None,
+        "Whether the composition has a pre-merged general expert (set from --general / general=).",
         default=False,
     )
 
@@ -89,8 +92,12 @@ class AtmoeConfig:
             raise UsageError(f"--router must be one of {', '.join(ROUTER_KINDS)}, not {self.router!r}")
         if self.static_inside and self.router != "grouped":
             raise UsageError("--static-inside only applies to --router grouped")
-        for flag, value in (("--learn-lambda", self.learn_lambda), ("--shared-router", self.shared_router),
-                            ("--static-inside", self.static_inside), ("general", self.general)):
+        for flag, value in (
+            ("--learn-lambda", self.learn_lambda),
+            ("--shared-router", self.shared_router),
+            ("--static-inside", self.static_inside),
+            ("general", self.general),
+        ):
             if not isinstance(value, bool):
                 raise UsageError(f"{flag} must be true or false, not {value!r}")
         self.temperature = check_temperature(self.temperature)
@@ -127,8 +134,11 @@ class AtmoeConfig:
             "learn_lambda": self.learn_lambda,
             "temperature": self.temperature,
             "routing": self.routing,
-            "options": {"router": self.router, "shared_router": self.shared_router,
-                        "static_inside": self.static_inside},
+            "options": {
+                "router": self.router,
+                "shared_router": self.shared_router,
+                "static_inside": self.static_inside,
+            },
         }
 
     @classmethod
@@ -141,9 +151,14 @@ class AtmoeConfig:
         unknown = sorted(set(options) - {"router", "shared_router", "static_inside"})
         if unknown:
             raise UsageError(f"unknown composition option {unknown[0]!r}")
-        return cls(lam=columns.get("lam"), learn_lambda=columns.get("learn_lambda", False),
-                   temperature=columns.get("temperature", 1.0), routing=columns.get("routing", "sequence"),
-                   general=general, **options)
+        return cls(
+            lam=columns.get("lam"),
+            learn_lambda=columns.get("learn_lambda", False),
+            temperature=columns.get("temperature", 1.0),
+            routing=columns.get("routing", "sequence"),
+            general=general,
+            **options,
+        )
 
 
 def check_temperature(temperature: Any) -> float:
@@ -169,15 +184,20 @@ class TrainConfig:
     grad_accum: int = option("--grad-accum", "Micro-batches per optimizer step.", default=1)
     seed: int = option("--seed", "Seed of the shuffle and of torch.", default=0)
     device: str | None = option("--device", "cpu, cuda, mps (default: accelerate's choice).", default=None)
-    mixed_precision: str = option("--mixed-precision", "Mixed precision of the forward passes.",
-                                  choices=MIXED_PRECISIONS, default="no")
+    mixed_precision: str = option(
+        "--mixed-precision", "Mixed precision of the forward passes.", choices=MIXED_PRECISIONS, default="no"
+    )
     routing_loss_weight: float = option(
         "--routing-loss-weight", "Weight of the auxiliary routing loss on examples with intents.", default=0.5
     )
     weight_decay: float = option("--weight-decay", "AdamW weight decay.", default=0.0)
     max_grad_norm: float = option("--max-grad-norm", "Gradient clipping norm; 0 disables it.", default=1.0)
-    schedule: str = option("--schedule", "Learning-rate schedule after the warm-up: cosine or linear decay to 0, "
-                           "or constant.", choices=SCHEDULES, default="cosine")
+    schedule: str = option(
+        "--schedule",
+        "Learning-rate schedule after the warm-up: cosine or linear decay to 0, or constant.",
+        choices=SCHEDULES,
+        default="cosine",
+    )
     warmup_ratio: float = option(
         "--warmup-ratio", "Share of the optimizer steps spent warming the learning rate up from 0.", default=0.05
     )

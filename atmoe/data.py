@@ -127,9 +127,7 @@ def prompt_ids(tokenizer, example: Example) -> list[int]:
     """Token ids of the prompt side, through the chat template when there are messages and one exists."""
     if example.messages:
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(
-                list(example.messages), add_generation_prompt=True, tokenize=True
-            )
+            ids = tokenizer.apply_chat_template(list(example.messages), add_generation_prompt=True, tokenize=True)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)

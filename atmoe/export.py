@@ -36,16 +36,23 @@ def plan_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int], bool, 
     """
     if model.atmoe_config.routing == "token" and model._forced is None:
         raise RoutingError("token routing has no single plan: export with forced weights (--force)")
-    layers = [(path, layer) for path, layer in model.base_model.named_modules()
-              if isinstance(layer, (MixtureLoraLinear, MixtureLoraEmbedding))]
+    layers = [
+        (path, layer)
+        for path, layer in model.base_model.named_modules()
+        if isinstance(layer, (MixtureLoraLinear, MixtureLoraEmbedding))
+    ]
     lora_bias = any(isinstance(layer, MixtureLoraLinear) and layer.bias_rows is not None for _, layer in layers)
     for path, layer in layers:
         if isinstance(layer, MixtureLoraLinear) and layer.gain_rows is not None:
-            raise AtmoeError(f"{path} mixes DoRA experts: their rescaling of the base weights is no LoRA, "
-                             "so the plan cannot be exported as one")
+            raise AtmoeError(
+                f"{path} mixes DoRA experts: their rescaling of the base weights is no LoRA, "
+                "so the plan cannot be exported as one"
+            )
         if lora_bias and isinstance(layer, MixtureLoraEmbedding):
-            raise AtmoeError(f"the plan has lora_bias experts and an adapted embedding ({path}); PEFT refuses "
-                             "lora_bias on embeddings, so it cannot be exported as one adapter")
+            raise AtmoeError(
+                f"the plan has lora_bias experts and an adapted embedding ({path}); PEFT refuses "
+                "lora_bias on embeddings, so it cannot be exported as one adapter"
+            )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     fan_in_fan_out = False
@@ -53,13 +60,13 @@ def plan_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int], bool, 
         coefficients = layer.routing.coefficients
         if coefficients is None:
             raise AtmoeError("no plan yet: run the model on a prompt (or under forced routing) first")
-        coefficient = coefficients[0, 0].float()                                       # [E+1]
-        row = coefficient[layer.rank_column] * layer.rank_scale                        # [R]
-        keep = row != 0                                                                # [R]
+        coefficient = coefficients[0, 0].float()  # [E+1]
+        row = coefficient[layer.rank_column] * layer.rank_scale  # [R]
+        keep = row != 0  # [R]
         if not bool(keep.any()):
             continue
-        A = layer.A_cat.float()[keep]                                                  # [R', k]
-        B = layer.B_cat.float()[:, keep] * row[keep]                                   # [d, R']
+        A = layer.A_cat.float()[keep]  # [R', k]
+        B = layer.B_cat.float()[:, keep] * row[keep]  # [d, R']
         key = path.removeprefix("base_model.")
         prefix = f"base_model.model.{key}"
         if isinstance(layer, MixtureLoraEmbedding):
@@ -72,7 +79,7 @@ def plan_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int], bool, 
             if lora_bias:
                 bias = torch.zeros(layer.out_features)
                 if layer.bias_rows is not None:
-                    bias = coefficient[layer.bias_column] @ layer.bias_rows.float()   # [d]
+                    bias = coefficient[layer.bias_column] @ layer.bias_rows.float()  # [d]
                 tensors[f"{prefix}.lora_B.bias"] = bias.contiguous().cpu()
         ranks[key] = int(A.shape[0])
     if not tensors:
@@ -80,8 +87,9 @@ def plan_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, int], bool, 
     return tensors, ranks, fan_in_fan_out, lora_bias
 
 
-def export_lora(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
-                dtype: torch.dtype = torch.float32) -> Path:
+def export_lora(
+    model, out_dir: str | Path, *, base_model_name_or_path: str | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write the current plan of ``model`` as ``adapter_config.json`` + ``adapter_model.safetensors``."""
     from safetensors.torch import save_file
 
@@ -106,8 +114,9 @@ def export_lora(model, out_dir: str | Path, *, base_model_name_or_path: str | No
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(dtype) for k, v in tensors.items()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"}
+    )
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 

@@ -62,6 +62,6 @@ def generate_text(
             streamer=streamer,
         )
         document = routing_document(model.last_routing())
-    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     document["forced"] = dict(force) if force else None
     return answer, document

@@ -87,8 +87,8 @@ class BlockRouting:
         for layer in self.layers:
             key = (layer.stack_id, layer.A_cat.dtype)
             if key not in rows:
-                picked = coefficients.index_select(-1, layer.rank_column)           # [B, 1|T, R]
-                rows[key] = (picked * layer.rank_scale).to(layer.A_cat.dtype)        # [B, 1|T, R]
+                picked = coefficients.index_select(-1, layer.rank_column)  # [B, 1|T, R]
+                rows[key] = (picked * layer.rank_scale).to(layer.A_cat.dtype)  # [B, 1|T, R]
             for extra, column in layer.piece_columns().items():  # lora biases, DoRA gains
                 extra_key = (extra, *key)
                 if extra_key not in rows:
@@ -161,14 +161,26 @@ class MixtureLoraLinear(nn.Module):
         biased = [p for p in pieces if p.bias is not None]
         scaled = [p for p in pieces if p.gain is not None]
         # [P, d] rows: s_e b_e of each biased piece; g_e - 1 of each DoRA piece
-        self.register_buffer("bias_rows", torch.stack([p.scale * p.bias.float() for p in biased]).to(**like)
-                             if biased else None, persistent=False)
-        self.register_buffer("gain_rows", torch.stack([p.gain.float() - 1 for p in scaled]).to(**like)
-                             if scaled else None, persistent=False)
-        self.register_buffer("bias_column", torch.tensor([p.column for p in biased], device=weight.device)
-                             if biased else None, persistent=False)
-        self.register_buffer("gain_column", torch.tensor([p.column for p in scaled], device=weight.device)
-                             if scaled else None, persistent=False)
+        self.register_buffer(
+            "bias_rows",
+            torch.stack([p.scale * p.bias.float() for p in biased]).to(**like) if biased else None,
+            persistent=False,
+        )
+        self.register_buffer(
+            "gain_rows",
+            torch.stack([p.gain.float() - 1 for p in scaled]).to(**like) if scaled else None,
+            persistent=False,
+        )
+        self.register_buffer(
+            "bias_column",
+            torch.tensor([p.column for p in biased], device=weight.device) if biased else None,
+            persistent=False,
+        )
+        self.register_buffer(
+            "gain_column",
+            torch.tensor([p.column for p in scaled], device=weight.device) if scaled else None,
+            persistent=False,
+        )
         columns = [p.column for p, r in zip(pieces, ranks) for _ in range(r)]
         scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]
         self._scales = scales  # kept as Python floats: rank_scale stays float32 through .to(dtype)
@@ -194,28 +206,28 @@ class MixtureLoraLinear(nn.Module):
         self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
         return self
 
-    def forward(self, x: Tensor) -> Tensor:                         # x [B, T, k] (or a pooler's [B, k])
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, k] (or a pooler's [B, k])
         if x.dim() == 2:
-            return self._mix(x.unsqueeze(1), untokened=True).squeeze(1)            # [B, d]
+            return self._mix(x.unsqueeze(1), untokened=True).squeeze(1)  # [B, d]
         return self._mix(x)
 
-    def _mix(self, x: Tensor, untokened: bool = False) -> Tensor:   # x [B, T, k]
+    def _mix(self, x: Tensor, untokened: bool = False) -> Tensor:  # x [B, T, k]
         routing = self.routing
-        y = self.base_layer(x)                                      # [B, T, d]  W0 x (+ base bias)
-        if self.gain_rows is not None:                              # DoRA: W0 x (1 + sum_e c_e (g_e - 1))
+        y = self.base_layer(x)  # [B, T, d]  W0 x (+ base bias)
+        if self.gain_rows is not None:  # DoRA: W0 x (1 + sum_e c_e (g_e - 1))
             base_bias = self.base_layer.bias
-            w0x = y if base_bias is None else y - base_bias         # [B, T, d]
+            w0x = y if base_bias is None else y - base_bias  # [B, T, d]
             y = y + w0x * (routing.scale_row(self, "gain", untokened=untokened) @ self.gain_rows)  # [B, 1|T, d]
-        if self.bias_rows is not None:                              # + sum_e c_e s_e b_e
-            y = y + routing.scale_row(self, "bias", untokened=untokened) @ self.bias_rows          # [B, 1|T, d]
-        scale_row = routing.scale_row(self, untokened=untokened)    # [B, 1|T, R]  lambda w_e s_e | (1-lambda) s_p
-        h = torch.matmul(x, self.A_cat.T) * scale_row               # [B, T, R]  A_e x, weighted
+        if self.bias_rows is not None:  # + sum_e c_e s_e b_e
+            y = y + routing.scale_row(self, "bias", untokened=untokened) @ self.bias_rows  # [B, 1|T, d]
+        scale_row = routing.scale_row(self, untokened=untokened)  # [B, 1|T, R]  lambda w_e s_e | (1-lambda) s_p
+        h = torch.matmul(x, self.A_cat.T) * scale_row  # [B, T, R]  A_e x, weighted
         if y.is_contiguous() and h.is_contiguous():
             # y += h @ B_cat.T in place: one pass over y instead of a new [B, T, d] tensor plus an add.
             # Safe for autograd: neither the base matmul nor addmm saves its output for backward.
             y.view(-1, self.out_features).addmm_(h.view(-1, h.shape[-1]), self.B_cat.T)
-            return y                                                # [B, T, d]
-        return y + torch.matmul(h, self.B_cat.T)                    # [B, T, d]  + sum over experts of B_e h_e
+            return y  # [B, T, d]
+        return y + torch.matmul(h, self.B_cat.T)  # [B, T, d]  + sum over experts of B_e h_e
 
     @property
     def is_plain_lora(self) -> bool:
@@ -230,8 +242,8 @@ class MixtureLoraLinear(nn.Module):
         ``is_plain_lora``.
         """
         coefficients = coefficients.to(device=self.rank_scale.device, dtype=torch.float32)
-        row = coefficients[self.rank_column] * self.rank_scale                  # [R]
-        return (self.B_cat.float() * row) @ self.A_cat.float()                  # [d, k]
+        row = coefficients[self.rank_column] * self.rank_scale  # [R]
+        return (self.B_cat.float() * row) @ self.A_cat.float()  # [d, k]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank_rows={self.A_cat.shape[0]}"
@@ -265,10 +277,14 @@ class MixtureLoraEmbedding(nn.Module):
         self.register_buffer("B_cat", torch.cat([p.B for p in pieces], 1).to(**like), persistent=False)
         scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]
         self._scales = scales
-        self.register_buffer("rank_column", torch.tensor([p.column for p, r in zip(pieces, ranks) for _ in range(r)],
-                                                         device=like["device"]), persistent=False)
-        self.register_buffer("rank_scale", torch.tensor(scales, dtype=torch.float32, device=like["device"]),
-                             persistent=False)
+        self.register_buffer(
+            "rank_column",
+            torch.tensor([p.column for p, r in zip(pieces, ranks) for _ in range(r)], device=like["device"]),
+            persistent=False,
+        )
+        self.register_buffer(
+            "rank_scale", torch.tensor(scales, dtype=torch.float32, device=like["device"]), persistent=False
+        )
         self.columns = sorted({p.column for p in pieces})
         self.stack_id = routing.add_layer(self, ("embedding", *((p.column, r, p.scale) for p, r in zip(pieces, ranks))))
 
@@ -280,12 +296,12 @@ class MixtureLoraEmbedding(nn.Module):
         self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
         return self
 
-    def forward(self, ids: Tensor) -> Tensor:                       # ids [B, T]
-        y = self.base_layer(ids)                                    # [B, T, dim]
+    def forward(self, ids: Tensor) -> Tensor:  # ids [B, T]
+        y = self.base_layer(ids)  # [B, T, dim]
         base = self.base_layer
-        h = nn.functional.embedding(ids, self.A_cat.T, padding_idx=base.padding_idx)   # [B, T, R]
-        h = h * self.routing.scale_row(self)                        # [B, T, R]  weighted
-        delta = torch.matmul(h, self.B_cat.T)                       # [B, T, dim]
+        h = nn.functional.embedding(ids, self.A_cat.T, padding_idx=base.padding_idx)  # [B, T, R]
+        h = h * self.routing.scale_row(self)  # [B, T, R]  weighted
+        delta = torch.matmul(h, self.B_cat.T)  # [B, T, dim]
         embed_scale = getattr(base, "embed_scale", None)
         if embed_scale is not None:
             delta = delta * torch.as_tensor(embed_scale, dtype=delta.dtype, device=delta.device)

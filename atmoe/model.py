@@ -58,8 +58,10 @@ def _request_mask(attention_mask: Any, routing_mask: Any, input_ids: Any) -> Ten
         return None
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         raise RoutingError("routing_mask / attention_mask must be a [batch, tokens] tensor for routing")
-    if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and (
-        mask.shape[0] != input_ids.shape[0] or mask.shape[1] < input_ids.shape[1]
+    if (
+        isinstance(input_ids, Tensor)
+        and input_ids.dim() == 2
+        and (mask.shape[0] != input_ids.shape[0] or mask.shape[1] < input_ids.shape[1])
     ):
         raise RoutingError(
             f"the routing mask is {tuple(mask.shape)} but input_ids are {tuple(input_ids.shape)}; "
@@ -110,9 +112,7 @@ class AtMoEModel(nn.Module):
         def make_router() -> nn.Module:
             if config.router == "flat":
                 return FlatRouter(hidden_size, expert_group, self.n_groups)
-            return GroupedRouter(
-                hidden_size, slot_mask, expert_group, expert_slot, static_inside=config.static_inside
-            )
+            return GroupedRouter(hidden_size, slot_mask, expert_group, expert_slot, static_inside=config.static_inside)
 
         n_routers = 1 if config.shared_router else self.num_blocks
         self.routers = nn.ModuleList([make_router() for _ in range(n_routers)]).to(device)
@@ -246,7 +246,7 @@ class AtMoEModel(nn.Module):
         mask = request.mask.to(hidden.device)
         batch, tokens = hidden.shape[0], hidden.shape[1]
         if request.hold and batch != mask.shape[0] and mask.shape[0] and batch % mask.shape[0] == 0:
-            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)                 # [B, T]
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)  # [B, T]
         if mask.shape[0] != batch or mask.shape[1] < tokens:
             raise RoutingError(
                 f"the routing mask is {tuple(request.mask.shape)} but block inputs are [{batch}, {tokens}] "
@@ -267,41 +267,43 @@ class AtMoEModel(nn.Module):
         request = self._request
         held = routing.coefficients
         if (
-            request is not None and request.hold and index in request.routed
-            and (sequence or self._forced is not None) and held is not None and held.shape[0] == batch
+            request is not None
+            and request.hold
+            and index in request.routed
+            and (sequence or self._forced is not None)
+            and held is not None
+            and held.shape[0] == batch
         ):
             return  # a later forward of a held request: keep the prompt's weights (and scale rows)
         mask = self._token_mask(index, hidden)
         if request is not None:
             request.routed.add(index)
         if self._forced is not None:
-            weights = self._forced.to(hidden.device).expand(batch, 1, -1)                # [B, 1, E]
-            group_w = group_totals(weights, self.expert_group_index, self.n_groups)      # [B, 1, N_G]
+            weights = self._forced.to(hidden.device).expand(batch, 1, -1)  # [B, 1, E]
+            group_w = group_totals(weights, self.expert_group_index, self.n_groups)  # [B, 1, N_G]
             self._last[index] = (group_w.squeeze(1), weights.squeeze(1), None)
         else:
             router = self.routers[0 if self.atmoe_config.shared_router else index]
             temperature = self.atmoe_config.temperature
             standardize = self.router_inputs[index]
             if sequence:
-                u = pool_hidden(hidden, mask)                                            # [B, D]
-                group_w, weights = router(standardize(u), temperature)                   # [B, N_G], [B, E]
+                u = pool_hidden(hidden, mask)  # [B, D]
+                group_w, weights = router(standardize(u), temperature)  # [B, N_G], [B, E]
                 self._last[index] = (group_w, weights, None)
-                weights = weights.unsqueeze(1)                                           # [B, 1, E]
+                weights = weights.unsqueeze(1)  # [B, 1, E]
             else:
-                group_w, weights = router(standardize(hidden), temperature)              # [B, T, N_G], [B, T, E]
+                group_w, weights = router(standardize(hidden), temperature)  # [B, T, N_G], [B, T, E]
                 self._last[index] = (group_w, weights, mask)
         lam = self._lambda(index)
-        general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)                 # [B, 1|T, 1]
-        coefficients = torch.cat([lam * weights, general], dim=-1)                       # [B, 1|T, E+1]
+        general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)  # [B, 1|T, 1]
+        coefficients = torch.cat([lam * weights, general], dim=-1)  # [B, 1|T, E+1]
         pooled = None
         if coefficients.shape[1] > 1:  # token routing: for layers without a token axis (poolers)
-            pooled = pool_hidden(coefficients, mask).unsqueeze(1)                        # [B, 1, E+1]
+            pooled = pool_hidden(coefficients, mask).unsqueeze(1)  # [B, 1, E+1]
         routing.set(coefficients, pooled)
 
     @contextmanager
-    def calibrating_router_inputs(
-        self, reduce: Callable[[Tensor], Tensor] | None = None
-    ) -> Iterator[AtMoEModel]:
+    def calibrating_router_inputs(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Iterator[AtMoEModel]:
         """Forwards inside collect every block's router inputs; on a clean exit each block's input
         standardisation becomes their per-feature mean and std (see ``InputStandardizer``).
 
@@ -312,8 +314,10 @@ class AtMoEModel(nn.Module):
         """
         moments: list[_Moments] = [_Moments() for _ in range(self.num_blocks)]
         # prepended: each sees the router input before the routing hook marks the block routed
-        observers = [self._on_router_input(index, functools.partial(self._observe, moments[index]), first=True)
-                     for index in range(self.num_blocks)]
+        observers = [
+            self._on_router_input(index, functools.partial(self._observe, moments[index]), first=True)
+            for index in range(self.num_blocks)
+        ]
         try:
             yield self
         finally:
@@ -326,7 +330,7 @@ class AtMoEModel(nn.Module):
             if reduce is not None:
                 packed = reduce(packed)
             hidden = (packed.shape[0] - 1) // 2
-            standardize.set_from_moments(packed[:hidden], packed[hidden:2 * hidden], float(packed[-1]))
+            standardize.set_from_moments(packed[:hidden], packed[hidden : 2 * hidden], float(packed[-1]))
         self._invalidate()
 
     def _observe(self, moments: _Moments, index: int, hidden: Tensor) -> None:
@@ -335,9 +339,9 @@ class AtMoEModel(nn.Module):
             return
         mask = self._token_mask(index, hidden)
         if self.atmoe_config.routing == "sequence":
-            inputs = pool_hidden(hidden, mask)                                           # [B, D]
+            inputs = pool_hidden(hidden, mask)  # [B, D]
         else:
-            inputs = hidden[mask.bool()] if mask is not None else hidden                  # [N, D] | [B, T, D]
+            inputs = hidden[mask.bool()] if mask is not None else hidden  # [N, D] | [B, T, D]
         moments.add(inputs.detach())
 
     # ------------------------------------------------------------------ routing, read and forced
@@ -363,9 +367,9 @@ class AtMoEModel(nn.Module):
                     group_w, weights = group_w.mean(1), weights.mean(1)
                 else:
                     m = mask.to(weights)
-                    count = m.sum(1, keepdim=True).clamp_min(1.0)                        # [B, 1]
-                    group_w = torch.einsum("bt,btg->bg", m, group_w) / count             # [B, N_G]
-                    weights = torch.einsum("bt,bte->be", m, weights) / count             # [B, E]
+                    count = m.sum(1, keepdim=True).clamp_min(1.0)  # [B, 1]
+                    group_w = torch.einsum("bt,btg->bg", m, group_w) / count  # [B, N_G]
+                    weights = torch.einsum("bt,bte->be", m, weights) / count  # [B, E]
             group_mean, expert_mean = group_w.mean(0).tolist(), weights.mean(0).tolist()
             report.append(
                 {
@@ -452,8 +456,10 @@ class AtMoEModel(nn.Module):
         unexpected = sorted(set(state_dict) - set(expected))
         if missing or unexpected:
             what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-            raise AtmoeError(f"router weights do not fit this composition ({what}; {len(missing)} missing, "
-                             f"{len(unexpected)} unexpected)")
+            raise AtmoeError(
+                f"router weights do not fit this composition ({what}; {len(missing)} missing, "
+                f"{len(unexpected)} unexpected)"
+            )
         for key, value in state_dict.items():
             if not isinstance(value, Tensor) or tuple(value.shape) != tuple(expected[key].shape):
                 shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -463,9 +469,9 @@ class AtMoEModel(nn.Module):
             if not torch.isfinite(value).all():
                 raise AtmoeError(f"router weight {key} holds NaN or Inf")
         with torch.no_grad():
-            routers = {k[len("routers."):]: v for k, v in state_dict.items() if k.startswith("routers.")}
+            routers = {k[len("routers.") :]: v for k, v in state_dict.items() if k.startswith("routers.")}
             self.routers.load_state_dict({k: v.float() for k, v in routers.items()}, strict=True)
-            inputs = {k[len("router_inputs."):]: v for k, v in state_dict.items() if k.startswith("router_inputs.")}
+            inputs = {k[len("router_inputs.") :]: v for k, v in state_dict.items() if k.startswith("router_inputs.")}
             self.router_inputs.load_state_dict({k: v.float() for k, v in inputs.items()}, strict=True)
             if self.lambda_logits is not None:
                 for i, param in enumerate(self.lambda_logits):
@@ -483,7 +489,9 @@ def _call_on_input(fn: Callable[[int, Tensor], None], index: int, module: nn.Mod
     fn(index, args[0] if args else kwargs["hidden_states"])
 
 
-def _call_on_output(fn: Callable[[int, Tensor], None], index: int, module: nn.Module, args: tuple, output: Tensor) -> None:
+def _call_on_output(
+    fn: Callable[[int, Tensor], None], index: int, module: nn.Module, args: tuple, output: Tensor
+) -> None:
     """A forward hook on the base embedding: its output [B, T, D] is the router input."""
     fn(index, output)
 
@@ -497,7 +505,7 @@ class _Moments:
         self.count = 0.0
 
     def add(self, inputs: Tensor) -> None:
-        flat = inputs.reshape(-1, inputs.shape[-1]).double()                             # [N, D]
+        flat = inputs.reshape(-1, inputs.shape[-1]).double()  # [N, D]
         if self.total is None:
             self.total, self.total_sq = flat.sum(0), (flat * flat).sum(0)
         else:

@@ -101,8 +101,15 @@ def heatmap_png(routings: Mapping[str, Routing], path: str, *, title: str = "AT-
         axis.set_title(query if len(query) <= 70 else query[:67] + "...", fontsize=8)
         for row, values in enumerate(matrix):
             for col, value in enumerate(values):
-                axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                          color="black" if value > 0.6 else "white")
+                axis.text(
+                    col,
+                    row,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if value > 0.6 else "white",
+                )
         fig.colorbar(image, ax=axis, fraction=0.03)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -67,11 +67,11 @@ class GroupedRouter(_Float32Router):
 
     def forward(self, u: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """u [.., D] -> (group_weights [.., N_G], expert_weights [.., E]), float32."""
-        u = u.float()                                                            # [.., D]
+        u = u.float()  # [.., D]
         group_logits = torch.addmm(self.b_G, u.reshape(-1, self.hidden_size), self.W_G)
-        group_logits = group_logits.reshape(*u.shape[:-1], self.n_groups)      # [.., N_G]
+        group_logits = group_logits.reshape(*u.shape[:-1], self.n_groups)  # [.., N_G]
         if self.static_inside:
-            inside_logits = self.inside_table.expand(*u.shape[:-1], -1, -1)     # [.., N_G, N_M]
+            inside_logits = self.inside_table.expand(*u.shape[:-1], -1, -1)  # [.., N_G, N_M]
         else:
             inside_flat = torch.addmm(self.b_D, u.reshape(-1, self.hidden_size), self.W_D)
             inside_logits = inside_flat.reshape(*u.shape[:-1], self.n_groups, self.n_max)  # [.., N_G, N_M]
@@ -96,10 +96,10 @@ class FlatRouter(_Float32Router):
 
     def forward(self, u: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
         """u [.., D] -> (group_weights [.., N_G], expert_weights [.., E]), float32."""
-        u = u.float()                                                            # [.., D]
-        logits = torch.addmm(self.b, u.reshape(-1, self.hidden_size), self.W)   # [N, E]
-        logits = logits.reshape(*u.shape[:-1], self.n_experts)                  # [.., E]
-        weights = flat_weights(logits, temperature)                             # [.., E]
+        u = u.float()  # [.., D]
+        logits = torch.addmm(self.b, u.reshape(-1, self.hidden_size), self.W)  # [N, E]
+        logits = logits.reshape(*u.shape[:-1], self.n_experts)  # [.., E]
+        weights = flat_weights(logits, temperature)  # [.., E]
         return group_totals(weights, self.expert_group, self.n_groups), weights
 
 
@@ -124,13 +124,13 @@ class InputStandardizer(_Float32Router):
         self.register_buffer("scale", torch.ones(hidden_size))
 
     def forward(self, u: Tensor) -> Tensor:
-        return (u.float() - self.shift) * self.scale                              # [.., D]
+        return (u.float() - self.shift) * self.scale  # [.., D]
 
     @torch.no_grad()
     def set_from_moments(self, total: Tensor, total_sq: Tensor, count: float) -> None:
         """Mean and std per feature from sums over ``count`` inputs (float64 [D] each)."""
-        mean = total / count                                                      # [D]
-        var = (total_sq / count - mean * mean).clamp_min(0.0)                     # [D]
+        mean = total / count  # [D]
+        var = (total_sq / count - mean * mean).clamp_min(0.0)  # [D]
         floor = 1e-4 * float(var.mean()) + 1e-12  # constant features are not blown up
         self.shift.copy_(mean.float())
         self.scale.copy_(torch.rsqrt(var + floor).float())

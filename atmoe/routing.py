@@ -21,11 +21,11 @@ def pool_hidden(hidden: Tensor, mask: Tensor | None) -> Tensor:
     """
     batch, tokens, _ = hidden.shape
     if mask is None:
-        mask = hidden.new_ones(batch, tokens)                          # [B, T]
-    weights = mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(1)   # [B, 1, T]
-    summed = torch.bmm(weights, hidden).squeeze(1).float()             # [B, D]  sum of real tokens
-    count = weights.float().sum(dim=-1).clamp_min(1.0)                 # [B, 1]
-    return summed / count                                              # [B, D]
+        mask = hidden.new_ones(batch, tokens)  # [B, T]
+    weights = mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(1)  # [B, 1, T]
+    summed = torch.bmm(weights, hidden).squeeze(1).float()  # [B, D]  sum of real tokens
+    count = weights.float().sum(dim=-1).clamp_min(1.0)  # [B, 1]
+    return summed / count  # [B, D]
 
 
 def grouped_weights(
@@ -37,28 +37,26 @@ def grouped_weights(
     expert) -> (group_weights [.., N_G], inside_weights [.., N_G, N_M]). Padding slots get exactly 0;
     every group has at least one real slot, so no row is all -inf.
     """
-    group_weights = torch.softmax(group_logits / temperature, dim=-1)            # [.., N_G]
-    inside_logits = inside_logits.masked_fill(~slot_mask, float("-inf"))        # [.., N_G, N_M]
-    inside_weights = torch.softmax(inside_logits / temperature, dim=-1)         # [.., N_G, N_M]
+    group_weights = torch.softmax(group_logits / temperature, dim=-1)  # [.., N_G]
+    inside_logits = inside_logits.masked_fill(~slot_mask, float("-inf"))  # [.., N_G, N_M]
+    inside_weights = torch.softmax(inside_logits / temperature, dim=-1)  # [.., N_G, N_M]
     return group_weights, inside_weights
 
 
-def expert_weights(
-    group_weights: Tensor, inside_weights: Tensor, expert_group: Tensor, expert_slot: Tensor
-) -> Tensor:
+def expert_weights(group_weights: Tensor, inside_weights: Tensor, expert_group: Tensor, expert_slot: Tensor) -> Tensor:
     """w_e = a[g(e)] * b[g(e), m(e)]: the weight of each real expert; they sum to 1.
 
     group_weights [.., N_G], inside_weights [.., N_G, N_M], expert_group [E] and expert_slot [E]
     (long) -> [.., E].
     """
-    of_group = group_weights[..., expert_group]                       # [.., E]   a[g(e)]
-    in_group = inside_weights[..., expert_group, expert_slot]         # [.., E]   b[g(e), m(e)]
-    return of_group * in_group                                        # [.., E]
+    of_group = group_weights[..., expert_group]  # [.., E]   a[g(e)]
+    in_group = inside_weights[..., expert_group, expert_slot]  # [.., E]   b[g(e), m(e)]
+    return of_group * in_group  # [.., E]
 
 
 def flat_weights(logits: Tensor, temperature: float) -> Tensor:
     """The single-stage ablation: one softmax over all experts. logits [.., E] -> [.., E]."""
-    return torch.softmax(logits / temperature, dim=-1)                # [.., E]
+    return torch.softmax(logits / temperature, dim=-1)  # [.., E]
 
 
 def group_totals(weights: Tensor, expert_group: Tensor, n_groups: int) -> Tensor:
@@ -66,5 +64,5 @@ def group_totals(weights: Tensor, expert_group: Tensor, n_groups: int) -> Tensor
 
     weights [.., E], expert_group [E] (long) -> [.., N_G].
     """
-    totals = weights.new_zeros(*weights.shape[:-1], n_groups)          # [.., N_G]
-    return totals.index_add(-1, expert_group, weights)                 # [.., N_G]
+    totals = weights.new_zeros(*weights.shape[:-1], n_groups)  # [.., N_G]
+    return totals.index_add(-1, expert_group, weights)  # [.., N_G]

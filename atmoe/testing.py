@@ -31,45 +31,89 @@ def _seeded(seed: int, build: Any) -> nn.Module:
 
 
 def make_tiny_llama(
-    *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-    intermediate: int = 48, vocab: int = 64, max_positions: int = 128,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 48,
+    vocab: int = 64,
+    max_positions: int = 128,
 ) -> nn.Module:
     """A ``LlamaForCausalLM`` with random weights (init std 0.2, so greedy decoding is decisive)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        initializer_range=0.2, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return _seeded(seed, lambda: LlamaForCausalLM(config))
 
 
 def make_tiny_gpt2(
-    *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, vocab: int = 64, max_positions: int = 128,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vocab: int = 64,
+    max_positions: int = 128,
 ) -> nn.Module:
     """A ``GPT2LMHeadModel`` (Conv1D layers, fan_in_fan_out) with random weights, dropout off."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions,
-        initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=max_positions,
+        initializer_range=0.2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return _seeded(seed, lambda: GPT2LMHeadModel(config))
 
 
 def make_tiny_bert(
-    *, seed: int = 0, hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: int = 48,
-    vocab: int = 64, max_positions: int = 128,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 48,
+    vocab: int = 64,
+    max_positions: int = 128,
 ) -> nn.Module:
     """A ``BertModel`` (an encoder: no cache, no generate) with random weights, dropout off."""
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, max_position_embeddings=max_positions, initializer_range=0.2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        initializer_range=0.2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
     )
     return _seeded(seed, lambda: BertModel(config))
 
@@ -129,7 +173,8 @@ def make_peft_adapter(
     config = LoraConfig(
         r=r,
         lora_alpha=2 * r if lora_alpha is None else lora_alpha,
-        target_modules=list(target_modules or default_targets(base)) if not isinstance(target_modules, str)
+        target_modules=list(target_modules or default_targets(base))
+        if not isinstance(target_modules, str)
         else target_modules,
         use_rslora=use_rslora,
         rank_pattern=dict(rank_pattern or {}),

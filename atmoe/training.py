@@ -63,16 +63,16 @@ def routing_loss(model, intent_mask: torch.Tensor) -> torch.Tensor:
     has_intent = intent_mask.sum(-1) > 0  # [B]
     if not bool(has_intent.any()):
         return intent_mask.new_zeros(())
-    intended = intent_mask[has_intent]                                               # [B', E]
-    groups = model.expert_group_index.to(intended.device)                            # [E]
+    intended = intent_mask[has_intent]  # [B', E]
+    groups = model.expert_group_index.to(intended.device)  # [E]
     losses = []
     for _, expert_weights in model.last_routing_tensors():
         if expert_weights.dim() == 3:  # token routing: [B, T, E] -> [B, E]
             expert_weights = expert_weights.mean(1)
-        weights = expert_weights[has_intent].float()                                 # [B', E]
-        totals = group_totals(weights, groups, model.n_groups)                       # [B', N_G]
-        inside = weights / totals[:, groups].clamp_min(1e-12)                        # [B', E]  b[g(e), m(e)]
-        log_inside = torch.log(inside.clamp_min(1e-9))                               # [B', E]
+        weights = expert_weights[has_intent].float()  # [B', E]
+        totals = group_totals(weights, groups, model.n_groups)  # [B', N_G]
+        inside = weights / totals[:, groups].clamp_min(1e-12)  # [B', E]  b[g(e), m(e)]
+        log_inside = torch.log(inside.clamp_min(1e-9))  # [B', E]
         losses.append((-(intended * log_inside).sum(-1) / intended.sum(-1)).mean())
     return torch.stack(losses).mean()
 
@@ -84,9 +84,7 @@ def _encode_all(tokenizer, examples: Sequence[Example], max_length: int) -> list
 def _routing_hits(model, intent_mask: torch.Tensor) -> tuple[int, int]:
     """Examples whose top expert, in every intended group (weights averaged over blocks), is intended."""
     tensors = model.last_routing_tensors()
-    mean_weights = torch.stack(
-        [w.mean(1) if w.dim() == 3 else w for _, w in tensors]
-    ).mean(0)  # [B, E]
+    mean_weights = torch.stack([w.mean(1) if w.dim() == 3 else w for _, w in tensors]).mean(0)  # [B, E]
     groups = [model.expert_groups[name] for name in model.expert_names]
     hits = total = 0
     for row in range(intent_mask.shape[0]):
@@ -104,8 +102,15 @@ def _routing_hits(model, intent_mask: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, examples: Sequence[Example], *, batch_size: int = 8, max_length: int = 512,
-             device: torch.device | str | None = None) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 8,
+    max_length: int = 512,
+    device: torch.device | str | None = None,
+) -> dict:
     """Token-weighted response loss and routing accuracy (when intents exist) of ``model`` on ``examples``."""
     check_intents(examples, model.expert_names)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -138,9 +143,17 @@ def _prompt_mask(batch: dict) -> torch.Tensor:
     return (batch["attention_mask"].bool() & (batch["labels"] == -100)).long()
 
 
-def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Example] | None = None,
-                 config: TrainConfig | None = None, *, calibrate: bool = True, progress: bool = True,
-                 console=None) -> TrainResult:
+def train_router(
+    model,
+    tokenizer,
+    train: Sequence[Example],
+    eval: Sequence[Example] | None = None,
+    config: TrainConfig | None = None,
+    *,
+    calibrate: bool = True,
+    progress: bool = True,
+    console=None,
+) -> TrainResult:
     """Train ``model``'s routers in place on ``train``; evaluate on ``eval`` before and after.
 
     ``model`` is an ``AtMoEModel`` over a causal language model. With ``calibrate`` (a fresh router;
@@ -179,7 +192,8 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
     )
     optimizer_steps = config.epochs * math.ceil(len(loader) / config.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(config.schedule, config.warmup_ratio, optimizer_steps))
+        optimizer, lr_factor(config.schedule, config.warmup_ratio, optimizer_steps)
+    )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     inner = accelerator.unwrap_model(model)
     device = accelerator.device
@@ -187,8 +201,11 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
 
     if calibrate:
         _calibrate(model, inner, loader, accelerator, progress=progress, console=console)
-    eval_before = evaluate(inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length,
-                           device=device) if eval else None
+    eval_before = (
+        evaluate(inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length, device=device)
+        if eval
+        else None
+    )
     history: list[dict] = []
     total_steps = config.epochs * len(loader)
     started = time.perf_counter()
@@ -219,13 +236,19 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
                 epoch_batches += 1
                 if bar:
                     elapsed = max(time.perf_counter() - started, 1e-9)
-                    bar.update(task, advance=1, stats=f"loss {lm_loss:.4f} {tokens_seen / elapsed:.0f} tok/s",
-                               description=f"router epoch {epoch + 1}/{config.epochs}")
-            history.append({
-                "epoch": epoch + 1,
-                "train_loss": epoch_loss / max(epoch_batches, 1),
-                "train_lm_loss": epoch_lm / max(epoch_batches, 1),
-            })
+                    bar.update(
+                        task,
+                        advance=1,
+                        stats=f"loss {lm_loss:.4f} {tokens_seen / elapsed:.0f} tok/s",
+                        description=f"router epoch {epoch + 1}/{config.epochs}",
+                    )
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": epoch_loss / max(epoch_batches, 1),
+                    "train_lm_loss": epoch_lm / max(epoch_batches, 1),
+                }
+            )
     elapsed = time.perf_counter() - started
     inner.eval()
     metrics: dict = {
@@ -236,8 +259,9 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
         "seconds": elapsed,
     }
     if eval:
-        after = evaluate(inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length,
-                         device=device)
+        after = evaluate(
+            inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length, device=device
+        )
         metrics["eval_loss_before"] = eval_before["loss"]
         metrics["eval_loss"] = after["loss"]
         if "routing_accuracy" in after:
@@ -255,13 +279,16 @@ def train_router(model, tokenizer, train: Sequence[Example], eval: Sequence[Exam
 def _calibrate(model, inner, loader, accelerator, *, progress: bool, console) -> None:
     """One pass over the training prompts, no gradients: the routers' input standardisation."""
     model.eval()
-    with inner.calibrating_router_inputs(reduce=lambda t: accelerator.reduce(t, "sum")), \
-            _progress(progress, console) as bar:
+    with (
+        inner.calibrating_router_inputs(reduce=lambda t: accelerator.reduce(t, "sum")),
+        _progress(progress, console) as bar,
+    ):
         task = bar.add_task("router inputs", total=len(loader), stats="") if bar else None  # no loss here
         for batch in loader:
             batch = {k: v for k, v in batch.items() if k != "intent_mask"}
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  routing_mask=_prompt_mask(batch))
+            model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], routing_mask=_prompt_mask(batch)
+            )
             if bar:
                 bar.update(task, advance=1)
 

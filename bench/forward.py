@@ -36,10 +36,38 @@ from pathlib import Path
 
 import torch
 
-CPU_DEFAULTS = dict(hidden=512, layers=4, intermediate=1376, heads=8, kv_heads=8, vocab=4096, experts=8, rank=8,
-                    batch=4, seq=128, dtype="float32", repeats=5, decode_tokens=32, prompt=128)
-CUDA_DEFAULTS = dict(hidden=2048, layers=22, intermediate=5632, heads=32, kv_heads=4, vocab=32000, experts=16,
-                     rank=16, batch=4, seq=1024, dtype="bfloat16", repeats=10, decode_tokens=64, prompt=128)
+CPU_DEFAULTS = dict(
+    hidden=512,
+    layers=4,
+    intermediate=1376,
+    heads=8,
+    kv_heads=8,
+    vocab=4096,
+    experts=8,
+    rank=8,
+    batch=4,
+    seq=128,
+    dtype="float32",
+    repeats=5,
+    decode_tokens=32,
+    prompt=128,
+)
+CUDA_DEFAULTS = dict(
+    hidden=2048,
+    layers=22,
+    intermediate=5632,
+    heads=32,
+    kv_heads=4,
+    vocab=32000,
+    experts=16,
+    rank=16,
+    batch=4,
+    seq=1024,
+    dtype="bfloat16",
+    repeats=10,
+    decode_tokens=64,
+    prompt=128,
+)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -48,15 +76,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     for key in CPU_DEFAULTS:
         kind = str if key == "dtype" else int
-        parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=None,
-                            help=f"default {CPU_DEFAULTS[key]} (cpu) / {CUDA_DEFAULTS[key]} (cuda)")
+        parser.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=kind,
+            default=None,
+            help=f"default {CPU_DEFAULTS[key]} (cpu) / {CUDA_DEFAULTS[key]} (cuda)",
+        )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: quieter on a shared box)")
     parser.add_argument("--compile", action="store_true", help="torch.compile base and mixture alike")
     parser.add_argument("--skip-peft", action="store_true", help="leave out PEFT with all adapters active")
     parser.add_argument("--skip-xlora", action="store_true", help="leave out PEFT X-LoRA (slow on a CPU)")
     parser.add_argument("--xlora-repeats", type=int, default=2, help="repetitions for X-LoRA (slow)")
     parser.add_argument("--skip-train", action="store_true", help="leave out the training steps")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/forward-<device>.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON path (default bench/results/forward-<device>.json)"
+    )
     args = parser.parse_args(argv)
     defaults = CUDA_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
     for key, value in defaults.items():
@@ -74,10 +108,17 @@ def make_base(args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq + args.decode_tokens + args.prompt), tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(2048, args.seq + args.decode_tokens + args.prompt),
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     with torch.device(args.device):
@@ -103,8 +144,9 @@ def make_atmoe(base, groups):
 
     model = build_atmoe(copy.deepcopy(base), groups)
     generator = torch.Generator().manual_seed(7)  # live routers, away from the even start
-    model.load_router_state_dict({k: torch.randn(v.shape, generator=generator) * 0.02
-                                  for k, v in model.router_state_dict().items()})
+    model.load_router_state_dict(
+        {k: torch.randn(v.shape, generator=generator) * 0.02 for k, v in model.router_state_dict().items()}
+    )
     return model.eval()
 
 
@@ -159,11 +201,13 @@ def prefill_call(model, ids, mask):
     def call():
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
+
     return call
 
 
 def decode_call(model, prompt, tokens, device, result: list[float]):
     """Prefill untimed, then ``tokens`` greedy decode steps with the cache, timed; appends s/token."""
+
     def call():
         with torch.no_grad():
             mask = torch.ones(1, prompt.shape[1] + tokens, dtype=torch.long, device=device)
@@ -177,6 +221,7 @@ def decode_call(model, prompt, tokens, device, result: list[float]):
                 past, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
             synchronize(device)
             result.append((time.perf_counter() - start) / tokens)
+
     return call
 
 
@@ -190,6 +235,7 @@ def train_call(model, ids, params, optimizer=None):
         else:
             for param in params:
                 param.grad = None
+
     return call
 
 
@@ -234,10 +280,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"decode: batch 1, prompt {args.prompt}, {args.decode_tokens} tokens ...", file=sys.stderr)
     decoders = {n: m for n, m in variants.items() if n != "xlora"}
     per_token: dict[str, list[float]] = {n: [] for n in decoders}
-    round_robin({n: decode_call(m, prompt, args.decode_tokens, device, per_token[n]) for n, m in decoders.items()},
-                {n: max(3, args.repeats // 2) for n in decoders}, device)
+    round_robin(
+        {n: decode_call(m, prompt, args.decode_tokens, device, per_token[n]) for n, m in decoders.items()},
+        {n: max(3, args.repeats // 2) for n in decoders},
+        device,
+    )
     for name in variants:
-        results[name]["decode_ms_per_token"] = 1e3 * statistics.median(per_token[name][1:]) if name in per_token else None
+        results[name]["decode_ms_per_token"] = (
+            1e3 * statistics.median(per_token[name][1:]) if name in per_token else None
+        )
 
     if not args.skip_train:
         print("train step ...", file=sys.stderr)
@@ -252,8 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
         trainers["atmoe"] = train_call(atmoe, labels, router_params, torch.optim.AdamW(router_params, lr=1e-3))
         if "xlora" in variants:
             xlora_params = [p for p in variants["xlora"].parameters() if p.requires_grad]
-            trainers["xlora"] = train_call(variants["xlora"], labels, xlora_params,
-                                           torch.optim.AdamW(xlora_params, lr=1e-3))
+            trainers["xlora"] = train_call(
+                variants["xlora"], labels, xlora_params, torch.optim.AdamW(xlora_params, lr=1e-3)
+            )
         times = round_robin(trainers, {n: repeats[n] for n in trainers}, device)
         for name in variants:
             results[name]["train_step_ms"] = 1e3 * statistics.median(times[name]) if name in times else None
@@ -267,8 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": _versions(),
         "results": results,
         "ratios": {
-            name: {metric: (value / results["base"][metric] if value is not None else None)
-                   for metric, value in figures.items()}
+            name: {
+                metric: (value / results["base"][metric] if value is not None else None)
+                for metric, value in figures.items()
+            }
             for name, figures in results.items()
         },
     }
@@ -287,16 +341,22 @@ def _versions() -> dict[str, str]:
         import peft
     except ImportError:
         peft = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": getattr(peft, "__version__", "absent"), "python": platform.python_version()}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": getattr(peft, "__version__", "absent"),
+        "python": platform.python_version(),
+    }
 
 
 def print_table(report: dict) -> None:
     labels = {"prefill_ms": "prefill", "decode_ms_per_token": "decode/token", "train_step_ms": "train step"}
     config = report["config"]
-    title = (f"{report['device']} ({report['device_name']}, {report['threads']} threads"
-             f"{', compiled' if report['compile'] else ''}): hidden {config['hidden']}, {config['layers']} layers, "
-             f"E={config['experts']} r={config['rank']}, batch {config['batch']}x{config['seq']}, {config['dtype']}")
+    title = (
+        f"{report['device']} ({report['device_name']}, {report['threads']} threads"
+        f"{', compiled' if report['compile'] else ''}): hidden {config['hidden']}, {config['layers']} layers, "
+        f"E={config['experts']} r={config['rank']}, batch {config['batch']}x{config['seq']}, {config['dtype']}"
+    )
     rows = []
     for name, figures in report["results"].items():
         cells = []

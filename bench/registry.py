@@ -38,8 +38,13 @@ def _adapter(root: Path, size_mb: int) -> Path:
         tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((hidden, rank), dtype=np.float32)
     root.mkdir(parents=True)
     save_file(tensors, str(root / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj"],
-              "base_model_name_or_path": "bench/llama"}
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": ["q_proj"],
+        "base_model_name_or_path": "bench/llama",
+    }
     (root / "adapter_config.json").write_text(json.dumps(config))
     return root
 
@@ -70,8 +75,14 @@ def bench_add(work: Path, size_mb: int) -> dict:
             started = time.perf_counter()
             registry.add_expert(adapter, name="big", group="domain")
             in_process.append(time.perf_counter() - started)
-    return {"bytes": size, "sha256sum_s": sha, "add_expert_cli_s": cli, "add_expert_in_process_s": min(in_process),
-            "ratio_cli": cli / sha, "ratio_in_process": min(in_process) / sha}
+    return {
+        "bytes": size,
+        "sha256sum_s": sha,
+        "add_expert_cli_s": cli,
+        "add_expert_in_process_s": min(in_process),
+        "ratio_cli": cli / sha,
+        "ratio_in_process": min(in_process) / sha,
+    }
 
 
 def bench_list(work: Path, count: int) -> dict:
@@ -84,11 +95,27 @@ def bench_list(work: Path, count: int) -> dict:
     with Registry.open(home=home) as registry, registry.write() as session:
         group_ids = list(session.scalars(select(Group.id)))
         rows = [
-            {"name": f"expert-{i // 4:06d}", "version": i % 4 + 1, "group_id": group_ids[i % len(group_ids)],
-             "domain": ("gastroenterology", "cardiology", None)[i % 3], "style": None, "tags": {"team": f"t{i % 7}"},
-             "description": None, "base_model": "org/llama-1b", "base_revision": None, "peft_type": "LORA", "r": 16,
-             "alpha": 32.0, "use_rslora": False, "target_modules": ["q_proj", "v_proj"], "module_ranks": {},
-             "rank_pattern": {}, "alpha_pattern": {}, "digest": f"{i:064x}", "size": 1 << 20}
+            {
+                "name": f"expert-{i // 4:06d}",
+                "version": i % 4 + 1,
+                "group_id": group_ids[i % len(group_ids)],
+                "domain": ("gastroenterology", "cardiology", None)[i % 3],
+                "style": None,
+                "tags": {"team": f"t{i % 7}"},
+                "description": None,
+                "base_model": "org/llama-1b",
+                "base_revision": None,
+                "peft_type": "LORA",
+                "r": 16,
+                "alpha": 32.0,
+                "use_rslora": False,
+                "target_modules": ["q_proj", "v_proj"],
+                "module_ranks": {},
+                "rank_pattern": {},
+                "alpha_pattern": {},
+                "digest": f"{i:064x}",
+                "size": 1 << 20,
+            }
             for i in range(count)
         ]
         session.execute(insert(Expert), rows)
@@ -97,8 +124,13 @@ def bench_list(work: Path, count: int) -> dict:
     as_json = min(_run([_cli(), "list", "--json"], env) for _ in range(3))
     table = min(_run([_cli(), "list"], env) for _ in range(3))
     filtered = min(_run([_cli(), "list", "--domain", "cardiology", "--json"], env) for _ in range(3))
-    return {"experts": count, "cli_startup_s": startup, "list_json_s": as_json, "list_table_s": table,
-            "list_filtered_json_s": filtered}
+    return {
+        "experts": count,
+        "cli_startup_s": startup,
+        "list_json_s": as_json,
+        "list_table_s": table,
+        "list_filtered_json_s": filtered,
+    }
 
 
 def main() -> None:
@@ -113,12 +145,16 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     add, listing = results["add"], results["list"]
-    print(f"add-expert {add['bytes'] / 1e6:.0f} MB: sha256sum {add['sha256sum_s']:.3f} s, "
-          f"in-process {add['add_expert_in_process_s']:.3f} s ({add['ratio_in_process']:.2f}x), "
-          f"CLI {add['add_expert_cli_s']:.3f} s ({add['ratio_cli']:.2f}x, process start included)")
-    print(f"list {listing['experts']:,} experts: --json {listing['list_json_s']:.3f} s, table "
-          f"{listing['list_table_s']:.3f} s, filtered --json {listing['list_filtered_json_s']:.3f} s "
-          f"(CLI start alone {listing['cli_startup_s']:.3f} s)")
+    print(
+        f"add-expert {add['bytes'] / 1e6:.0f} MB: sha256sum {add['sha256sum_s']:.3f} s, "
+        f"in-process {add['add_expert_in_process_s']:.3f} s ({add['ratio_in_process']:.2f}x), "
+        f"CLI {add['add_expert_cli_s']:.3f} s ({add['ratio_cli']:.2f}x, process start included)"
+    )
+    print(
+        f"list {listing['experts']:,} experts: --json {listing['list_json_s']:.3f} s, table "
+        f"{listing['list_table_s']:.3f} s, filtered --json {listing['list_filtered_json_s']:.3f} s "
+        f"(CLI start alone {listing['cli_startup_s']:.3f} s)"
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2) + "\n")
 

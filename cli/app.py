@@ -78,7 +78,9 @@ def _translate(error: Exception) -> NoReturn:
 class AtmoeGroup(click.Group):
     """A click group whose known errors are one line: never a usage dump, never a traceback."""
 
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any) -> click.Context:
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
@@ -111,9 +113,7 @@ def get_registry(ctx: click.Context | None = None, *, check_schema: bool = True)
     if state.registry is None:
         from atmoe.registry.registry import Registry
 
-        state.registry = Registry.open(
-            state.home, state.db, state.store, check_schema=check_schema, warn=output.warn
-        )
+        state.registry = Registry.open(state.home, state.db, state.store, check_schema=check_schema, warn=output.warn)
         state.schema_checked = check_schema
         ctx.find_root().call_on_close(state.registry.close)
     elif check_schema and not state.schema_checked:
@@ -138,8 +138,7 @@ def get_registry(ctx: click.Context | None = None, *, check_schema: bool = True)
     envvar="ATMOE_DB_URL",
     show_envvar=True,
     metavar="URL",
-    help="SQLAlchemy database URL (default sqlite:///HOME/registry.db); "
-    "postgresql+psycopg://... for a team.",
+    help="SQLAlchemy database URL (default sqlite:///HOME/registry.db); postgresql+psycopg://... for a team.",
 )
 @click.option(
     "--store",

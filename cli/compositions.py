@@ -16,9 +16,16 @@ def _group_list(text: str) -> tuple[str, ...]:
 
 @main.command("compose")
 @click.option("--name", required=True, help="Composition name; a new spec under it makes a new version.")
-@click.option("--groups", "groups", required=True, metavar="A,B,C", help="Ordered groups, e.g. functional,domain,style.")
-@click.option("--expert", "experts", multiple=True, metavar="REF",
-              help="Narrow a group to these experts (NAME[@VERSION], repeatable); other groups take the latest of every name.")
+@click.option(
+    "--groups", "groups", required=True, metavar="A,B,C", help="Ordered groups, e.g. functional,domain,style."
+)
+@click.option(
+    "--expert",
+    "experts",
+    multiple=True,
+    metavar="REF",
+    help="Narrow a group to these experts (NAME[@VERSION], repeatable); other groups take the latest of every name.",
+)
 @click.option("--general", metavar="REF", help="The pre-merged general expert, blended with 1 - lambda.")
 @dataclass_options(AtmoeConfig)
 @click.option("--description", help="What the composition is for.")
@@ -27,14 +34,16 @@ def compose(name, groups, experts, general, description, as_json, **settings) ->
     """Pin experts of the listed groups as an immutable composition version."""
     config = pop_config(AtmoeConfig, settings, general=general is not None)
     registry = get_registry()
-    record, created = registry.compose(name=name, groups=_group_list(groups), experts=experts, general=general,
-                                       config=config, description=description)
+    record, created = registry.compose(
+        name=name, groups=_group_list(groups), experts=experts, general=general, config=config, description=description
+    )
     if as_json:
         output.print_json({**record, "created": created})
         return
     verb = "composed" if created else "unchanged: the same spec is already"
-    output.message(f"{verb} {record['ref']} (N_G={record['n_groups']}, N_M={record['n_max']}, "
-                   f"{len(record['experts'])} experts)")
+    output.message(
+        f"{verb} {record['ref']} (N_G={record['n_groups']}, N_M={record['n_max']}, {len(record['experts'])} experts)"
+    )
     _print_members(record)
 
 
@@ -59,9 +68,21 @@ def compositions(ctx: click.Context, name: str | None, as_json: bool) -> None:
         return
     output.print_table(
         ["ref", "groups", "N_G", "N_M", "experts", "general", "lambda", "tau", "routing", "created"],
-        [(r["ref"], r["groups"], r["n_groups"], r["n_max"], len(r["experts"]), (r["general"] or {}).get("ref"),
-          r["lambda"], r["temperature"], r["routing"], r["created_at"][:16] if r["created_at"] else "")
-         for r in records],
+        [
+            (
+                r["ref"],
+                r["groups"],
+                r["n_groups"],
+                r["n_max"],
+                len(r["experts"]),
+                (r["general"] or {}).get("ref"),
+                r["lambda"],
+                r["temperature"],
+                r["routing"],
+                r["created_at"][:16] if r["created_at"] else "",
+            )
+            for r in records
+        ],
     )
 
 
@@ -74,11 +95,20 @@ def show(ref: str, as_json: bool) -> None:
     if as_json:
         output.print_json(record)
         return
-    output.print_fields([
-        ("ref", record["ref"]), ("base model", record["base_model"]), ("groups", record["groups"]),
-        ("N_G / N_M", f"{record['n_groups']} / {record['n_max']}"), ("lambda", record["lambda"]),
-        ("learn lambda", record["learn_lambda"]), ("temperature", record["temperature"]),
-        ("routing", record["routing"]), ("options", record["options"]), ("spec digest", record["spec_digest"]),
-        ("created", record["created_at"]), ("description", record["description"]),
-    ])
+    output.print_fields(
+        [
+            ("ref", record["ref"]),
+            ("base model", record["base_model"]),
+            ("groups", record["groups"]),
+            ("N_G / N_M", f"{record['n_groups']} / {record['n_max']}"),
+            ("lambda", record["lambda"]),
+            ("learn lambda", record["learn_lambda"]),
+            ("temperature", record["temperature"]),
+            ("routing", record["routing"]),
+            ("options", record["options"]),
+            ("spec digest", record["spec_digest"]),
+            ("created", record["created_at"]),
+            ("description", record["description"]),
+        ]
+    )
     _print_members(record)

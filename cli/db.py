@@ -17,9 +17,7 @@ def init(as_json: bool) -> None:
     if as_json:
         output.print_json(info)
         return
-    output.message(
-        f"Registry ready: database {info['db_url']} (schema {info['revision']}), store {info['store']}"
-    )
+    output.message(f"Registry ready: database {info['db_url']} (schema {info['revision']}), store {info['store']}")
 
 
 @main.group("db")

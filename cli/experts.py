@@ -56,7 +56,13 @@ def add_expert(
     )
     if as_json:
         output.print_json(
-            {"ref": expert.ref, "name": expert.name, "version": expert.version, "created": created, "digest": expert.digest}
+            {
+                "ref": expert.ref,
+                "name": expert.name,
+                "version": expert.version,
+                "created": created,
+                "digest": expert.digest,
+            }
         )
         return
     if created:
@@ -89,14 +95,16 @@ def list_command(
 
     registry = get_registry()
     with registry.session() as session:
-        rows = expert_summaries(
-            session, group=group, domain=domain, style=style, tag=list(tags), base_model=base_model
-        )
+        rows = expert_summaries(session, group=group, domain=domain, style=style, tag=list(tags), base_model=base_model)
     if as_json:
         output.print_json(rows)
         return
     if not rows:
-        output.message("No experts match." if any((group, domain, style, tags, base_model)) else "No experts yet: add one with atmoe-reg add-expert")
+        output.message(
+            "No experts match."
+            if any((group, domain, style, tags, base_model))
+            else "No experts yet: add one with atmoe-reg add-expert"
+        )
         return
     output.print_table(
         ["ref", "group", "domain", "style", "tags", "base model", "r", "digest", "size"],
@@ -150,9 +158,7 @@ def verify(ref: str | None, as_json: bool) -> None:
             raise click.exceptions.Exit(EXIT_FAILURE)
         return
     if report.ok:
-        output.message(
-            f"OK: {report.blobs} blobs of {report.experts} experts and {report.routers} routers verified"
-        )
+        output.message(f"OK: {report.blobs} blobs of {report.experts} experts and {report.routers} routers verified")
         return
     for problem in report.problems:
         click.echo(f"Error: {one_line(str(problem))}", err=True)
@@ -194,7 +200,14 @@ def groups(add_name: str | None, description: str | None, as_json: bool) -> None
 
 @main.command("gc")
 @click.option("--apply", "apply_", is_flag=True, help="Remove them (default: only report, a dry run).")
-@click.option("--grace", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="SECONDS", help="Keep anything younger than this.")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=3600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Keep anything younger than this.",
+)
 @json_option
 def gc(apply_: bool, grace: float, as_json: bool) -> None:
     """Find unreferenced blobs and stale temp files in the store; remove them with --apply."""
@@ -210,4 +223,6 @@ def gc(apply_: bool, grace: float, as_json: bool) -> None:
     if report.kept_recent:
         summary.append(f"kept {report.kept_recent} younger than {grace:g}s")
     text = ", ".join(summary)
-    output.message(text + ("" if apply_ or not (report.blobs or report.temp_files) else "; run with --apply to remove them"))
+    output.message(
+        text + ("" if apply_ or not (report.blobs or report.temp_files) else "; run with --apply to remove them")
+    )

@@ -39,12 +39,18 @@ def dataclass_options(cls: type, *, skip: tuple[str, ...] = ()) -> Callable[[Cal
             default = spec.default if spec.default is not dataclasses.MISSING else None
             kind = _click_type(hints[spec.name])
             if kind is bool:
-                command = click.option(flag, spec.name, is_flag=True, default=default, help=spec.metadata["help"])(command)
+                command = click.option(flag, spec.name, is_flag=True, default=default, help=spec.metadata["help"])(
+                    command
+                )
                 continue
             choices = spec.metadata.get("choices")
             command = click.option(
-                flag, spec.name, type=click.Choice(choices) if choices else kind, default=default,
-                show_default=default is not None, help=spec.metadata["help"],
+                flag,
+                spec.name,
+                type=click.Choice(choices) if choices else kind,
+                default=default,
+                show_default=default is not None,
+                help=spec.metadata["help"],
             )(command)
         return command
 

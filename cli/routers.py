@@ -15,9 +15,16 @@ from atmoe.cli.options import dataclass_options, json_option, pop_config
 from atmoe.config import TrainConfig
 from atmoe.errors import UsageError
 
-force_option = click.option("--force", "force", multiple=True, metavar="NAME=W",
-                            help="Force an expert's weight (repeatable); unnamed experts get 0.")
-router_option = click.option("--router", "router", metavar="N|ALIAS", help="Router number or alias (default: the newest).")
+force_option = click.option(
+    "--force",
+    "force",
+    multiple=True,
+    metavar="NAME=W",
+    help="Force an expert's weight (repeatable); unnamed experts get 0.",
+)
+router_option = click.option(
+    "--router", "router", metavar="N|ALIAS", help="Router number or alias (default: the newest)."
+)
 base_option = click.option("--base-model", help="Load the base model from here instead of the catalog's reference.")
 
 
@@ -52,7 +59,12 @@ def _with_router(ref: str, router: str | None) -> str:
 
 @main.command("train-router")
 @click.argument("ref")
-@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Training JSONL (prompt/response or messages, optional intents).")
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Training JSONL (prompt/response or messages, optional intents).",
+)
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False), help="Evaluation JSONL.")
 @dataclass_options(TrainConfig)
 @click.option("--alias", help="Point this alias (e.g. prod) at the new router.")
@@ -63,17 +75,29 @@ def train_router(ref, data, eval_data, alias, notes, base_model, as_json, **hype
     """Train the routers of a composition (experts frozen) and record them as its next router."""
     config = pop_config(TrainConfig, hyperparameters)
     registry = get_registry()
-    trained = registry.train_router(ref, data=data, eval_data=eval_data, config=config, alias=alias, notes=notes,
-                                    progress=True, console=output.console(), base_model=base_model)
+    trained = registry.train_router(
+        ref,
+        data=data,
+        eval_data=eval_data,
+        config=config,
+        alias=alias,
+        notes=notes,
+        progress=True,
+        console=output.console(),
+        base_model=base_model,
+    )
     record = trained.record
     if as_json:
         output.print_json(record)
         return
     metrics = record["metrics"]
     shown = {k: metrics[k] for k in ("train_loss", "eval_loss_before", "eval_loss", "routing_accuracy") if k in metrics}
-    output.message(f"recorded router {record['ref']}" + (f" (alias {alias})" if alias else "")
-                   + f"; data sha256:{output.short_digest(record['data_digest'])}; "
-                   + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None))
+    output.message(
+        f"recorded router {record['ref']}"
+        + (f" (alias {alias})" if alias else "")
+        + f"; data sha256:{output.short_digest(record['data_digest'])}; "
+        + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
+    )
 
 
 @main.command("routers")
@@ -87,10 +111,20 @@ def routers(ref: str, as_json: bool) -> None:
         return
     output.print_table(
         ["ref", "aliases", "data", "eval loss", "routing acc", "epochs", "lr", "seed", "created"],
-        [(r["ref"], r["aliases"], output.short_digest(r["data_digest"]), _fmt(r["metrics"].get("eval_loss")),
-          _fmt(r["metrics"].get("routing_accuracy")), r["hyperparameters"].get("epochs"),
-          r["hyperparameters"].get("lr"), r["hyperparameters"].get("seed"),
-          r["created_at"][:16] if r["created_at"] else "") for r in records],
+        [
+            (
+                r["ref"],
+                r["aliases"],
+                output.short_digest(r["data_digest"]),
+                _fmt(r["metrics"].get("eval_loss")),
+                _fmt(r["metrics"].get("routing_accuracy")),
+                r["hyperparameters"].get("epochs"),
+                r["hyperparameters"].get("lr"),
+                r["hyperparameters"].get("seed"),
+                r["created_at"][:16] if r["created_at"] else "",
+            )
+            for r in records
+        ],
     )
 
 
@@ -107,8 +141,9 @@ def alias(router_ref: str, alias: str) -> None:
     output.message(f"{alias} -> {record['ref']}")
 
 
-def _routing_out(document: dict, expert_groups: dict[str, str], as_json: bool, plot: str | None, label: str,
-                 prompt: str) -> None:
+def _routing_out(
+    document: dict, expert_groups: dict[str, str], as_json: bool, plot: str | None, label: str, prompt: str
+) -> None:
     from atmoe.report import heatmap_png, routing_table
 
     blocks = [{"groups": b["groups"], "experts": b["experts"]} for b in document["blocks"]]
@@ -120,8 +155,10 @@ def _routing_out(document: dict, expert_groups: dict[str, str], as_json: bool, p
     output.stdout_console().print(routing_table(blocks, expert_groups, title=f"{label}: {prompt}"))
     summary = document["summary"]
     top = max(summary["experts"], key=summary["experts"].get)
-    output.message(f"mean over {len(blocks)} blocks: top group {max(summary['groups'], key=summary['groups'].get)}, "
-                   f"top expert {top}" + (f"; plot written to {plot}" if plot else ""))
+    output.message(
+        f"mean over {len(blocks)} blocks: top group {max(summary['groups'], key=summary['groups'].get)}, "
+        f"top expert {top}" + (f"; plot written to {plot}" if plot else "")
+    )
 
 
 @main.command("route")
@@ -172,8 +209,14 @@ def generate(ref, prompt, router, force, base_model, max_new_tokens, as_json) ->
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    answer, document = generate_text(built.model, built.tokenizer, prompt, max_new_tokens=max_new_tokens,
-                                     force=weights, on_text=None if as_json else stream)
+    answer, document = generate_text(
+        built.model,
+        built.tokenizer,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        force=weights,
+        on_text=None if as_json else stream,
+    )
     if as_json:
         output.print_json({"answer": answer, "routing": document, "lineage": built.lineage()})
         return
@@ -181,7 +224,9 @@ def generate(ref, prompt, router, force, base_model, max_new_tokens, as_json) ->
     summary = document["summary"]
     tops = top_expert_per_group(summary["experts"], built.model.expert_groups)
     groups = ", ".join(f"{g} {summary['groups'][g]:.2f} -> {tops[g]}" for g in summary["groups"])
-    output.message(f"routing (mean over blocks): {groups}; by {built.router or built.composition + ' (untrained router)'}")
+    output.message(
+        f"routing (mean over blocks): {groups}; by {built.router or built.composition + ' (untrained router)'}"
+    )
 
 
 @main.command("export-lora")

@@ -23,8 +23,14 @@ def _size(text: str) -> int:
 
 @main.command("export")
 @click.argument("refs", nargs=-1, metavar="REF...")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), metavar="FILE.tar[.gz]",
-              help="Archive to write (gzip-compressed when it ends in .gz or .tgz).")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE.tar[.gz]",
+    help="Archive to write (gzip-compressed when it ends in .gz or .tgz).",
+)
 @click.option("--all", "everything", is_flag=True, help="Export the whole catalog.")
 @json_option
 def export(refs: tuple[str, ...], out: str, everything: bool, as_json: bool) -> None:
@@ -46,10 +52,20 @@ def export(refs: tuple[str, ...], out: str, everything: bool, as_json: bool) -> 
 
 @main.command("import")
 @click.argument("archive", metavar="FILE")
-@click.option("--max-members", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Refuse an archive with more members than this.")
-@click.option("--max-member-size", default="4G", show_default=True, metavar="SIZE",
-              help="Refuse an archive with a member larger than this (bytes, or 512M, 4G, ...).")
+@click.option(
+    "--max-members",
+    type=click.IntRange(min=1),
+    default=10_000,
+    show_default=True,
+    help="Refuse an archive with more members than this.",
+)
+@click.option(
+    "--max-member-size",
+    default="4G",
+    show_default=True,
+    metavar="SIZE",
+    help="Refuse an archive with a member larger than this (bytes, or 512M, 4G, ...).",
+)
 @click.option("--dry-run", is_flag=True, help="Check the whole archive, write nothing.")
 @json_option
 def import_command(archive: str, max_members: int, max_member_size: str, dry_run: bool, as_json: bool) -> None:

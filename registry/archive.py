@@ -124,7 +124,13 @@ def _composition_row(session: Session, composition: Composition) -> dict[str, An
         "created_by": composition.created_by,
         "general": {"name": general.name, "version": general.version, "digest": general.digest} if general else None,
         "members": [
-            {"group": m.group_name, "slot": m.slot, "name": m.expert.name, "version": m.expert.version, "digest": m.digest}
+            {
+                "group": m.group_name,
+                "slot": m.slot,
+                "name": m.expert.name,
+                "version": m.expert.version,
+                "digest": m.digest,
+            }
             for m in sorted(composition.members, key=lambda m: (m.group_index, m.slot))
         ],
         "routers": [
@@ -243,9 +249,7 @@ def export_archive(
         "groups": [{"name": name, "description": groups[name]} for name in sorted(groups)],
         "experts": expert_rows,
         "compositions": composition_rows,
-        "members": {
-            BLOB_PREFIX + digest: {"sha256": digest, "size": size} for digest, size in sorted(digests.items())
-        },
+        "members": {BLOB_PREFIX + digest: {"sha256": digest, "size": size} for digest, size in sorted(digests.items())},
     }
     report = ExportReport(
         path=str(out_path),
@@ -330,7 +334,9 @@ def check_member_header(member: tarfile.TarInfo, *, max_member_size: int) -> str
     if not member.isreg():
         raise InvalidArchive(f"member {name!r} is not a regular file")
     if member.size > max_member_size:
-        raise InvalidArchive(f"member {name!r} has {member.size} bytes, more than the limit of {max_member_size} (--max-member-size)")
+        raise InvalidArchive(
+            f"member {name!r} has {member.size} bytes, more than the limit of {max_member_size} (--max-member-size)"
+        )
     if name != MANIFEST and not _BLOB_MEMBER.match(name):
         raise InvalidArchive(f"unexpected member {name!r} (an archive holds {MANIFEST} and {BLOB_PREFIX}<sha256>)")
     return name
@@ -494,7 +500,9 @@ class _PlannedExpert:
     files: list[tuple[str, str, int]]  # (path, sha256, size)
 
 
-def _check_manifest(staged: _Staged, archive: Path, work: Path) -> tuple[dict[str, str | None], list[_PlannedExpert], list[dict[str, Any]]]:
+def _check_manifest(
+    staged: _Staged, archive: Path, work: Path
+) -> tuple[dict[str, str | None], list[_PlannedExpert], list[dict[str, Any]]]:
     from atmoe.registry.experts import _check_tags, content_digest
     from atmoe.registry.validate import read_safetensors_header, validate_adapter
 
@@ -615,7 +623,10 @@ def _check_manifest(staged: _Staged, archive: Path, work: Path) -> tuple[dict[st
 
         def pinned(entry: Any, at: str) -> tuple[str, int]:
             entry = c.obj(entry, at)
-            key = (c.name(entry.get("name"), f"{at}.name", "expert name"), c.integer(entry.get("version"), f"{at}.version", minimum=1))
+            key = (
+                c.name(entry.get("name"), f"{at}.name", "expert name"),
+                c.integer(entry.get("version"), f"{at}.version", minimum=1),
+            )
             if key not in seen:
                 raise c.fail(at, f"pins {key[0]}@{key[1]}, which the archive does not hold")
             if c.digest(entry.get("digest"), f"{at}.digest") != seen[key]:
@@ -777,8 +788,12 @@ def _insert(
             description=row.get("description"),
         )
         composition, created = composition_service.pin(
-            session, spec, members, general,
-            created_by=row.get("created_by") or current_user(), created_at=row.get("created_at"),
+            session,
+            spec,
+            members,
+            general,
+            created_by=row.get("created_by") or current_user(),
+            created_at=row.get("created_at"),
         )
         if created:
             report.compositions_added.append(f"{label} -> {composition.ref}")
@@ -787,7 +802,9 @@ def _insert(
         for router_row in sorted(row.get("routers", []), key=lambda r: r["number"]):
             router_label = f"{label}:{router_row['number']}"
             router = session.scalar(
-                select(Router).where(Router.composition_id == composition.id, Router.blob_digest == router_row["blob_digest"])
+                select(Router).where(
+                    Router.composition_id == composition.id, Router.blob_digest == router_row["blob_digest"]
+                )
             )
             if router is not None:
                 report.routers_existing.append(f"{router_label} -> {composition.ref}:{router.number}")
@@ -811,11 +828,11 @@ def _insert(
                 report.routers_added.append(f"{router_label} -> {composition.ref}:{router.number}")
             for alias in router_row.get("aliases", []):
                 taken = session.scalar(
-                    select(RouterAlias).where(RouterAlias.composition_name == composition.name, RouterAlias.alias == alias)
+                    select(RouterAlias).where(
+                        RouterAlias.composition_name == composition.name, RouterAlias.alias == alias
+                    )
                 )
                 if taken is None:  # an alias the target already has keeps pointing where it does
                     session.add(RouterAlias(composition_name=composition.name, alias=alias, router=router))
                     session.flush()
                     report.aliases_set.append(f"{composition.name}:{alias} -> {composition.ref}:{router.number}")
-
-

@@ -85,7 +85,9 @@ def plan_members(session: Session, spec: ComposeSpec) -> tuple[dict[str, list[Ex
     for name, group in groups.items():
         experts = chosen[name] or _latest_per_name(session, group)
         if not experts:
-            raise InvalidComposition(f"group {name!r} has no experts: add one with `atmoe-reg add-expert ... --group {name}`")
+            raise InvalidComposition(
+                f"group {name!r} has no experts: add one with `atmoe-reg add-expert ... --group {name}`"
+            )
         members[name] = experts
     general = get_expert(session, spec.general) if spec.general else None
     if general is not None and any(e.name == general.name for es in members.values() for e in es):
@@ -117,8 +119,13 @@ def compose(session: Session, spec: ComposeSpec, *, created_by: str | None = Non
 def composition_config(composition: Composition) -> AtmoeConfig:
     """The ``AtmoeConfig`` a composition version stores."""
     return AtmoeConfig.from_columns(
-        {"lam": composition.lam, "learn_lambda": composition.learn_lambda, "temperature": composition.temperature,
-         "routing": composition.routing, "options": composition.options},
+        {
+            "lam": composition.lam,
+            "learn_lambda": composition.learn_lambda,
+            "temperature": composition.temperature,
+            "routing": composition.routing,
+            "options": composition.options,
+        },
         general=composition.general_expert_id is not None,
     )
 
@@ -162,8 +169,9 @@ def pin(
     for group_index, (group, experts) in enumerate(members.items()):
         for slot, expert in enumerate(experts):
             composition.members.append(
-                CompositionExpert(expert=expert, group_name=group, group_index=group_index, slot=slot,
-                                  digest=expert.digest)
+                CompositionExpert(
+                    expert=expert, group_name=group, group_index=group_index, slot=slot, digest=expert.digest
+                )
             )
     session.add(composition)
     session.flush()
@@ -203,13 +211,20 @@ def composition_record(composition: Composition) -> dict:
         "n_groups": composition.n_groups,
         "n_max": composition.n_max,
         "experts": [
-            {"group": m.group_name, "slot": m.slot, "name": m.expert.name, "version": m.expert.version,
-             "ref": m.expert.ref, "digest": m.digest}
+            {
+                "group": m.group_name,
+                "slot": m.slot,
+                "name": m.expert.name,
+                "version": m.expert.version,
+                "ref": m.expert.ref,
+                "digest": m.digest,
+            }
             for m in composition.members
         ],
         "general": (
             {"ref": composition.general_expert.ref, "digest": composition.general_expert.digest}
-            if composition.general_expert else None
+            if composition.general_expert
+            else None
         ),
         "lambda": composition.lam,
         "learn_lambda": composition.learn_lambda,

@@ -141,14 +141,10 @@ def check_revision(connection: Connection) -> str | None:
         return revision
     if revision is None:
         if _has_registry_tables(connection):
-            raise SchemaMismatch(
-                "database has registry tables but no schema revision; it was not made by atmoe-reg"
-            )
+            raise SchemaMismatch("database has registry tables but no schema revision; it was not made by atmoe-reg")
         return None
     if revision in KNOWN_REVISIONS:
-        raise SchemaMismatch(
-            f"database schema is at revision {revision}, this atmoe-reg needs {HEAD}: {UPGRADE_HINT}"
-        )
+        raise SchemaMismatch(f"database schema is at revision {revision}, this atmoe-reg needs {HEAD}: {UPGRADE_HINT}")
     raise _unknown(revision)
 
 
@@ -216,9 +212,7 @@ def upgrade(engine: Engine, target: str = "head") -> tuple[str | None, str | Non
         if before is not None and before not in KNOWN_REVISIONS:
             raise _unknown(before)
         if before is None and _has_registry_tables(connection):
-            raise SchemaMismatch(
-                "database has registry tables but no schema revision; it was not made by atmoe-reg"
-            )
+            raise SchemaMismatch("database has registry tables but no schema revision; it was not made by atmoe-reg")
         if before == HEAD and target == "head":
             return before, before
         command.upgrade(alembic_config(connection), target)

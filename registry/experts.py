@@ -99,9 +99,7 @@ def get_group(session: Session, name: str) -> Group:
     group = session.scalar(select(Group).where(Group.name == name))
     if group is None:
         known = ", ".join(session.scalars(select(Group.name).order_by(Group.name)))
-        raise GroupNotFound(
-            f"unknown group {name!r} (known: {known}); add it with: atmoe-reg groups --add {name}"
-        )
+        raise GroupNotFound(f"unknown group {name!r} (known: {known}); add it with: atmoe-reg groups --add {name}")
     return group
 
 
@@ -312,11 +310,27 @@ def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
             "use_rslora": use_rslora,
             "digest": digest,
             "size": size,
-            "created_at": created_at.replace(tzinfo=utc) if created_at is not None and created_at.tzinfo is None else created_at,
+            "created_at": created_at.replace(tzinfo=utc)
+            if created_at is not None and created_at.tzinfo is None
+            else created_at,
             "created_by": created_by,
         }
-        for (name, version, group, domain, style, tags, base_model, r, alpha, use_rslora, digest, size, created_at, created_by)
-        in result.all()
+        for (
+            name,
+            version,
+            group,
+            domain,
+            style,
+            tags,
+            base_model,
+            r,
+            alpha,
+            use_rslora,
+            digest,
+            size,
+            created_at,
+            created_by,
+        ) in result.all()
     ]
 
 
@@ -331,7 +345,9 @@ def get_expert(session: Session, ref: str | Ref) -> Expert:
     else:
         expert = session.scalar(statement.where(Expert.version == parsed.version))
     if expert is None:
-        versions = list(session.scalars(select(Expert.version).where(Expert.name == parsed.name).order_by(Expert.version)))
+        versions = list(
+            session.scalars(select(Expert.version).where(Expert.name == parsed.name).order_by(Expert.version))
+        )
         if versions:
             known = ", ".join(str(v) for v in versions)
             raise ExpertNotFound(f"expert {parsed.name!r} has no version {parsed.version} (versions: {known})")
@@ -382,8 +398,7 @@ def group_summaries(session: Session) -> list[dict[str, Any]]:
     statement = select(Expert.group_id, func.count(func.distinct(Expert.name))).group_by(Expert.group_id)
     counts = {group_id: count for group_id, count in session.execute(statement)}
     return [
-        {"name": g.name, "description": g.description, "experts": counts.get(g.id, 0)}
-        for g in list_groups(session)
+        {"name": g.name, "description": g.description, "experts": counts.get(g.id, 0)} for g in list_groups(session)
     ]
 
 
@@ -444,8 +459,7 @@ def remove_expert(registry: Registry, ref: str, *, force: bool = False) -> list[
         if pins:
             refs = ", ".join(e.ref for e in experts)
             raise InUse(
-                f"{refs} is pinned by composition {', '.join(pins)}; compositions are immutable, "
-                "so remove those first"
+                f"{refs} is pinned by composition {', '.join(pins)}; compositions are immutable, so remove those first"
             )
         removed = [e.ref for e in experts]
         session.execute(delete(ExpertFile).where(ExpertFile.expert_id.in_(ids)))

@@ -212,9 +212,7 @@ class CompositionExpert(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    composition_id: Mapped[int] = mapped_column(
-        ForeignKey("compositions.id", ondelete="CASCADE")
-    )
+    composition_id: Mapped[int] = mapped_column(ForeignKey("compositions.id", ondelete="CASCADE"))
     # no ON DELETE: a pinned expert cannot be removed (experts.remove_expert says so first)
     expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"), index=True)
     group_name: Mapped[str] = mapped_column(String(NAME_LENGTH))

@@ -243,8 +243,14 @@ class Registry:
             config = AtmoeConfig(**options, general=general is not None)
         elif options:
             raise UsageError(f"pass the settings in config or as keywords, not both ({', '.join(sorted(options))})")
-        spec = compositions.ComposeSpec(name=name, groups=tuple(groups), config=config, experts=tuple(experts),
-                                        general=general, description=description)
+        spec = compositions.ComposeSpec(
+            name=name,
+            groups=tuple(groups),
+            config=config,
+            experts=tuple(experts),
+            general=general,
+            description=description,
+        )
 
         def work(session: Session) -> tuple[dict[str, Any], bool]:
             row, created = compositions.compose(session, spec, created_by=created_by or current_user())

@@ -61,8 +61,16 @@ def train_and_record(
     if evaluation:
         check_intents(evaluation, experts)
     built = registry.build(ref, router=parsed.router is not None, base_model=base_model)
-    result = train_router(built.model, built.tokenizer, train, evaluation, config,
-                          calibrate=built.router is None, progress=progress, console=console)
+    result = train_router(
+        built.model,
+        built.tokenizer,
+        train,
+        evaluation,
+        config,
+        calibrate=built.router is None,
+        progress=progress,
+        console=console,
+    )
     blob = registry.store.put_bytes(router_bytes(built.model, metadata={"composition": built.composition}))
     hyperparameters = config.as_dict()
     if built.router:

@@ -95,14 +95,18 @@ def resolve_router(session: Session, ref: Ref | str, *, required: bool = True) -
             raise RouterNotFound(f"no router alias {ref.router!r} for composition {ref.name}")
         router = alias.router
         if ref.version is not None and router.composition.version != ref.version:
-            raise RouterNotFound(f"alias {ref.router!r} points at {router.composition.ref}, not {ref.name}@{ref.version}")
+            raise RouterNotFound(
+                f"alias {ref.router!r} points at {router.composition.ref}, not {ref.name}@{ref.version}"
+            )
         return router.composition, router
     composition = get_composition(session, ref)
     query = select(Router).where(Router.composition_id == composition.id)
     if ref.router is None:
         router = session.scalars(query.order_by(Router.number.desc()).limit(1)).first()
         if router is None and required:
-            raise RouterNotFound(f"composition {composition.ref} has no trained router: run `atmoe-reg train-router {composition.ref} --data FILE`")
+            raise RouterNotFound(
+                f"composition {composition.ref} has no trained router: run `atmoe-reg train-router {composition.ref} --data FILE`"
+            )
         return composition, router
     router = session.scalars(query.where(Router.number == ref.router)).first()
     if router is None:
@@ -112,12 +116,16 @@ def resolve_router(session: Session, ref: Ref | str, *, required: bool = True) -
 
 def list_routers(session: Session, ref: Ref | str) -> tuple[Composition, list[Router]]:
     composition = get_composition(session, ref)
-    routers = list(session.scalars(select(Router).where(Router.composition_id == composition.id).order_by(Router.number)))
+    routers = list(
+        session.scalars(select(Router).where(Router.composition_id == composition.id).order_by(Router.number))
+    )
     return composition, routers
 
 
 def aliases_of(session: Session, router: Router) -> list[str]:
-    return list(session.scalars(select(RouterAlias.alias).where(RouterAlias.router_id == router.id).order_by(RouterAlias.alias)))
+    return list(
+        session.scalars(select(RouterAlias.alias).where(RouterAlias.router_id == router.id).order_by(RouterAlias.alias))
+    )
 
 
 def router_record(session: Session, router: Router) -> dict:

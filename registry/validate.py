@@ -70,7 +70,6 @@ _NONFINITE_MASKS: dict[str, tuple[str, int, int]] = {
 }
 
 
-
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -190,8 +189,7 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         if offsets[1] > data_size:
             raise _fail(
                 label,
-                f"truncated: tensor {name!r} ends at byte {data_start + offsets[1]} "
-                f"but the file has {file_size}",
+                f"truncated: tensor {name!r} ends at byte {data_start + offsets[1]} but the file has {file_size}",
             )
         tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
@@ -200,12 +198,18 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         if info.start < previous_end:
             raise _fail(label, f"corrupt: tensor {info.name!r} overlaps the tensor before it")
         if info.start > previous_end:
-            raise _fail(label, f"corrupt: {info.start - previous_end} unused bytes before tensor {info.name!r} "
-                               "(the safetensors library refuses gaps)")
+            raise _fail(
+                label,
+                f"corrupt: {info.start - previous_end} unused bytes before tensor {info.name!r} "
+                "(the safetensors library refuses gaps)",
+            )
         previous_end = info.end
     if previous_end != file_size:
-        raise _fail(label, f"corrupt: {file_size - previous_end} trailing bytes after the last tensor "
-                           "(the safetensors library refuses them)")
+        raise _fail(
+            label,
+            f"corrupt: {file_size - previous_end} trailing bytes after the last tensor "
+            "(the safetensors library refuses them)",
+        )
     return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=data_start, file_size=file_size)
 
 
@@ -314,11 +318,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def adapter_files(path: Path) -> list[str]:
     """The files an expert stores: the directory's regular top-level files, without dotfiles."""
-    return sorted(
-        entry.name
-        for entry in path.iterdir()
-        if not entry.name.startswith(".") and entry.is_file()
-    )
+    return sorted(entry.name for entry in path.iterdir() if not entry.name.startswith(".") and entry.is_file())
 
 
 def validate_adapter(path: str | os.PathLike[str], *, check_values: bool = True) -> AdapterInfo:
@@ -332,8 +332,7 @@ def validate_adapter(path: str | os.PathLike[str], *, check_values: bool = True)
         raise InvalidAdapter(f"{root}: no such directory")
     if not root.is_dir():
         raise InvalidAdapter(
-            f"{root}: not a directory; expected a PEFT LoRA adapter directory "
-            f"({CONFIG_FILE} + {WEIGHTS_FILE})"
+            f"{root}: not a directory; expected a PEFT LoRA adapter directory ({CONFIG_FILE} + {WEIGHTS_FILE})"
         )
     files = adapter_files(root)
     for name in files:

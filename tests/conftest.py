@@ -168,9 +168,11 @@ def registry_snapshot(db_url: str | None = None, store: Path | None = None) -> d
                 counts["revision"] = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     finally:
         engine.dispose()
-    files = sorted(
-        str(p.relative_to(settings.store)) for p in settings.store.rglob("*") if p.is_file()
-    ) if settings.store.exists() else []
+    files = (
+        sorted(str(p.relative_to(settings.store)) for p in settings.store.rglob("*") if p.is_file())
+        if settings.store.exists()
+        else []
+    )
     return {"rows": counts, "store": files}
 
 

@@ -63,5 +63,3 @@ def peft_layerwise_mixture(base, dirs, weights):
 
         module.forward = mixed
     return model
-
-

@@ -35,8 +35,11 @@ def _raw_safetensors(gap: int = 0, trailing: int = 0) -> bytes:
     b = np.ones((8, 2), "<f4").tobytes()
     header = {
         f"{PREFIX}q_proj.lora_A.weight": {"dtype": "F32", "shape": [2, 8], "data_offsets": [0, len(a)]},
-        f"{PREFIX}q_proj.lora_B.weight": {"dtype": "F32", "shape": [8, 2],
-                                          "data_offsets": [len(a) + gap, len(a) + gap + len(b)]},
+        f"{PREFIX}q_proj.lora_B.weight": {
+            "dtype": "F32",
+            "shape": [8, 2],
+            "data_offsets": [len(a) + gap, len(a) + gap + len(b)],
+        },
     }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -70,6 +73,7 @@ def _config(**changes: Any) -> Callable[[Path], None]:
             else:
                 config[key] = value
         (root / CONFIG_FILE).write_text(json.dumps(config))
+
     return edit
 
 
@@ -82,6 +86,7 @@ def _rename_keys(old: str, new: str) -> Callable[[Path], None]:
 
         tensors = load_file(str(root / WEIGHTS_FILE))
         save_file({k.replace(old, new): v for k, v in tensors.items()}, str(root / WEIGHTS_FILE))
+
     return edit
 
 
@@ -92,6 +97,7 @@ def _add_tensor(suffix: str, shape: tuple[int, ...]) -> Callable[[Path], None]:
         tensors = load_file(str(root / WEIGHTS_FILE))
         tensors[f"{PREFIX}q_proj.{suffix}"] = np.ones(shape, "<f4")
         save_file(tensors, str(root / WEIGHTS_FILE))
+
     return edit
 
 
@@ -99,6 +105,7 @@ def _both(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
     def edit(root: Path) -> None:
         for one in edits:
             one(root)
+
     return edit
 
 
@@ -115,8 +122,9 @@ MUTATIONS = {
     "bias of the wrong size": _both(_config(lora_bias=True), _add_tensor("lora_B.bias", (3,))),
     "DoRA magnitude without use_dora": _add_tensor("lora_magnitude_vector", (8,)),
     "DoRA and lora_bias": _config(use_dora=True, lora_bias=True),
-    "lora_bias with a bias on one module only": _both(_config(lora_bias=True), _add_tensor("lora_B.bias", (8,)),
-                                   lambda root: None),
+    "lora_bias with a bias on one module only": _both(
+        _config(lora_bias=True), _add_tensor("lora_B.bias", (8,)), lambda root: None
+    ),
     "keys without base_model.model.": _rename_keys("base_model.model.", ""),
     "keys with an adapter name": _rename_keys(".weight", ".default.weight"),
     "modules_to_save": _config(modules_to_save=["lm_head"]),

@@ -33,25 +33,34 @@ from peft_reference import outputs, peft_layerwise_mixture, peft_scaled, peft_wi
 ATOL = RTOL = 1e-5
 
 KINDS = {
-    "llama": (make_tiny_llama, {
-        "bias": dict(r=3, target_modules=["q_proj", "v_proj", "down_proj"], lora_bias=True),
-        "dora": dict(r=2, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True),
-        "embed": dict(r=2, target_modules=["embed_tokens", "q_proj", "lm_head"]),
-        "layers": dict(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
-    }),
-    "gpt2": (make_tiny_gpt2, {
-        "bias": dict(r=3, target_modules=["c_attn", "c_fc"], lora_bias=True),
-        "dora": dict(r=2, target_modules=["c_attn", "c_proj"], use_dora=True),
-        "embed": dict(r=2, target_modules=["wte", "c_attn"]),
-        "layers": dict(r=2, target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h"),
-    }),
-    "bert": (make_tiny_bert, {
-        "pooler": dict(r=2, target_modules=["query", "key", "value", "dense"]),   # includes pooler.dense
-        "bias": dict(r=3, target_modules=["query", "value"], lora_bias=True),
-        "dora": dict(r=2, target_modules=["query", "dense"], use_dora=True),
-        "embed": dict(r=2, target_modules=["word_embeddings", "query"]),
-        "layers": dict(r=2, target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer"),
-    }),
+    "llama": (
+        make_tiny_llama,
+        {
+            "bias": dict(r=3, target_modules=["q_proj", "v_proj", "down_proj"], lora_bias=True),
+            "dora": dict(r=2, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True),
+            "embed": dict(r=2, target_modules=["embed_tokens", "q_proj", "lm_head"]),
+            "layers": dict(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+        },
+    ),
+    "gpt2": (
+        make_tiny_gpt2,
+        {
+            "bias": dict(r=3, target_modules=["c_attn", "c_fc"], lora_bias=True),
+            "dora": dict(r=2, target_modules=["c_attn", "c_proj"], use_dora=True),
+            "embed": dict(r=2, target_modules=["wte", "c_attn"]),
+            "layers": dict(r=2, target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h"),
+        },
+    ),
+    "bert": (
+        make_tiny_bert,
+        {
+            "pooler": dict(r=2, target_modules=["query", "key", "value", "dense"]),  # includes pooler.dense
+            "bias": dict(r=3, target_modules=["query", "value"], lora_bias=True),
+            "dora": dict(r=2, target_modules=["query", "dense"], use_dora=True),
+            "embed": dict(r=2, target_modules=["word_embeddings", "query"]),
+            "layers": dict(r=2, target_modules=["query", "value"], layers_to_transform=[1], layers_pattern="layer"),
+        },
+    ),
 }
 CASES = [(family, kind) for family, (_, kinds) in KINDS.items() for kind in kinds]
 
@@ -69,8 +78,10 @@ def adapter_dirs(bases, tmp_path_factory):
         warnings.simplefilter("ignore")  # PEFT: lora_bias on bias-free layers, tied embeddings
         for family, (_, kinds) in KINDS.items():
             root = tmp_path_factory.mktemp(family)
-            dirs[family] = {kind: make_peft_adapter(bases[family], root / kind, seed=seed + 40, **spec)
-                            for seed, (kind, spec) in enumerate(kinds.items())}
+            dirs[family] = {
+                kind: make_peft_adapter(bases[family], root / kind, seed=seed + 40, **spec)
+                for seed, (kind, spec) in enumerate(kinds.items())
+            }
             dirs[family]["plain"] = make_peft_adapter(bases[family], root / "plain", r=4, seed=7)
     return dirs
 
@@ -124,15 +135,19 @@ def test_the_layerwise_reference_is_peft_scaled_for_plain_lora(bases, adapter_di
     base, dirs = bases["llama"], adapter_dirs["llama"]
     ids, mask = inputs()
     weights = {"layers": 0.3, "plain": 0.7}
-    torch.testing.assert_close(outputs(peft_layerwise_mixture(base, dirs, weights), ids, mask)[0],
-                               outputs(peft_scaled(base, dirs, weights), ids, mask)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        outputs(peft_layerwise_mixture(base, dirs, weights), ids, mask)[0],
+        outputs(peft_scaled(base, dirs, weights), ids, mask)[0],
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_outside_modules_take_the_nearest_blocks_routing(bases, adapter_dirs):
     llama = compose(bases["llama"], adapter_dirs["llama"], "embed")
     inner = llama.base_model
     assert isinstance(inner.model.embed_tokens, MixtureLoraEmbedding)
-    assert inner.model.embed_tokens.routing is llama._routings[0]                      # the first block
+    assert inner.model.embed_tokens.routing is llama._routings[0]  # the first block
     assert isinstance(inner.lm_head, MixtureLoraLinear) and inner.lm_head.routing is llama._routings[-1]
     bert = compose(bases["bert"], adapter_dirs["bert"], "pooler")
     assert isinstance(bert.base_model.pooler.dense, MixtureLoraLinear)
@@ -145,11 +160,15 @@ def test_adapted_embeddings_route_the_first_block_once_on_the_base_embeddings(ba
     embeddings, and the embedding and the block use the same weights; generate holds them."""
     model = compose(bases["llama"], adapter_dirs["llama"], "embed")
     generator = torch.Generator().manual_seed(3)
-    model.load_router_state_dict({k: (torch.randn(v.shape, generator=generator) if k.startswith("routers.") else v)
-                                  for k, v in model.router_state_dict().items()})
+    model.load_router_state_dict(
+        {
+            k: (torch.randn(v.shape, generator=generator) if k.startswith("routers.") else v)
+            for k, v in model.router_state_dict().items()
+        }
+    )
     ids, mask = inputs()
     out = model(input_ids=ids, attention_mask=mask).logits
-    first = model.last_routing_tensors()[0][1]                                         # [B, E]
+    first = model.last_routing_tensors()[0][1]  # [B, E]
     embedded = bases["llama"].model.embed_tokens(ids)
     expected = model.routers[0](model.router_inputs[0](embedded.mean(1)), 1.0)[1]
     torch.testing.assert_close(first, expected, atol=1e-6, rtol=1e-6)

@@ -26,8 +26,7 @@ def llama():
         dict(r=4),
         dict(r=4, use_rslora=True, lora_alpha=3),
         dict(r=3, rank_pattern={"q_proj": 5, "layers.1.mlp.down_proj": 1}, alpha_pattern={"k_proj": 7}),
-        dict(r=2, use_rslora=True, rank_pattern={r"layers\.[01]\.self_attn\.v_proj": 6},
-             alpha_pattern={"proj": 5}),
+        dict(r=2, use_rslora=True, rank_pattern={r"layers\.[01]\.self_attn\.v_proj": 6}, alpha_pattern={"proj": 5}),
         # two patterns match layers.0.mlp.up_proj: the first in the config's order wins, as in PEFT
         # (PEFT writes adapter_config.json with sorted keys, so only a sorted order survives a reload)
         dict(r=2, rank_pattern={"0.mlp.up_proj": 8, "up_proj": 3}, alpha_pattern={"mlp.up_proj": 9, "up_proj": 1}),
@@ -72,8 +71,12 @@ def test_pickle_weights_are_refused_and_never_opened(tmp_path):
         (lambda p: (p / "adapter_config.json").unlink(), "no adapter_config.json"),
         (lambda p: (p / "adapter_model.safetensors").unlink(), "no adapter_model.safetensors"),
         (lambda p: (p / "adapter_config.json").write_text("{"), "not valid JSON"),
-        (lambda p: (p / "adapter_model.safetensors").write_bytes(
-            (p / "adapter_model.safetensors").read_bytes()[:100]), "corrupt or truncated"),
+        (
+            lambda p: (p / "adapter_model.safetensors").write_bytes(
+                (p / "adapter_model.safetensors").read_bytes()[:100]
+            ),
+            "corrupt or truncated",
+        ),
         (lambda p: _edit_config(p, r=5), "config says r = 5"),
         (lambda p: _edit_config(p, peft_type="IA3"), "only LORA"),
         (lambda p: _edit_config(p, use_dora=True), "no lora_magnitude_vector but the config sets use_dora"),

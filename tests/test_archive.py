@@ -56,16 +56,33 @@ def source_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for seed, (name, group) in enumerate(
         [("dx", "functional"), ("rx", "functional"), ("gastro", "domain"), ("terse", "style"), ("gen", "general")]
     ):
-        source("add-expert", write_adapter(adapters / name, seed=seed), "--name", name, "--group", group,
-               "--tag", "team=gi", "--description", f"{name} expert")
+        source(
+            "add-expert",
+            write_adapter(adapters / name, seed=seed),
+            "--name",
+            name,
+            "--group",
+            group,
+            "--tag",
+            "team=gi",
+            "--description",
+            f"{name} expert",
+        )
     source("add-expert", write_adapter(adapters / "gastro2", seed=99), "--name", "gastro", "--group", "domain")
     source("compose", "--name", "medqa", "--groups", "functional,domain,style", "--general", "gen")
     with _open_source(root / "home") as registry:
         blob = registry.store.put_bytes(save({"router.weight": np.ones((2, 3), np.float32)})).digest
 
         def work(session: Any) -> None:
-            router = record_router(session, get_composition(session, "medqa"), blob_digest=blob, data_digest="d" * 64,
-                                   eval_data_digest=None, hyperparameters={"lr": 0.1}, metrics={"eval_loss": 1.5})
+            router = record_router(
+                session,
+                get_composition(session, "medqa"),
+                blob_digest=blob,
+                data_digest="d" * 64,
+                eval_data_digest=None,
+                hyperparameters={"lr": 0.1},
+                metrics={"eval_loss": 1.5},
+            )
             set_alias(session, "medqa", "prod", router)
 
         registry.transact(work)
@@ -154,19 +171,28 @@ def test_round_trip_brings_the_composition_with_its_experts_and_routers(
     with Registry.open() as registry:
         record = registry.composition("medqa")
         assert [(m["group"], m["slot"], m["ref"]) for m in record["experts"]] == [
-            ("functional", 0, "dx@1"), ("functional", 1, "rx@1"), ("domain", 0, "gastro@1"), ("style", 0, "terse@1")]
+            ("functional", 0, "dx@1"),
+            ("functional", 1, "rx@1"),
+            ("domain", 0, "gastro@1"),
+            ("style", 0, "terse@1"),
+        ]
         assert record["general"]["ref"] == "gen@1" and record["lambda"] == 0.5
         (router,) = registry.routers("medqa")
         assert router["aliases"] == ["prod"] and router["metrics"] == {"eval_loss": 1.5}
         gastro = registry.get_expert("gastro")
         with _open_source(populated.home) as src:  # type: ignore[attr-defined]
             original = src.get_expert("gastro@2")
-        assert (gastro.digest, gastro.tags, gastro.description) == (original.digest, original.tags, original.description)
+        assert (gastro.digest, gastro.tags, gastro.description) == (
+            original.digest,
+            original.tags,
+            original.description,
+        )
         assert registry.get_expert("dx").tags == {"team": "gi"} and registry.get_expert("dx").description == "dx expert"
         assert gastro.module_ranks == original.module_ranks and gastro.created_at is not None
     # build-ready: composing the same spec in the target finds the imported version
-    again = json.loads(ok("compose", "--name", "medqa", "--groups", "functional,domain,style", "--general", "gen",
-                          "--json").stdout)
+    again = json.loads(
+        ok("compose", "--name", "medqa", "--groups", "functional,domain,style", "--general", "gen", "--json").stdout
+    )
     assert (again["version"], again["created"]) == (1, False)
 
     before = snapshot()
@@ -176,9 +202,7 @@ def test_round_trip_brings_the_composition_with_its_experts_and_routers(
     assert snapshot() == before  # importing twice changes nothing
 
 
-def test_new_content_under_a_known_name_becomes_the_next_version(
-    populated: Callable[..., Any], tmp_path: Path
-) -> None:
+def test_new_content_under_a_known_name_becomes_the_next_version(populated: Callable[..., Any], tmp_path: Path) -> None:
     ok("add-expert", write_adapter(tmp_path / "local", seed=1234), "--name", "gastro", "--group", "domain")
     archive = tmp_path / "gastro.tar"
     report = json.loads(populated("export", "gastro", "--out", archive, "--json").stdout)
@@ -207,8 +231,18 @@ def test_export_refuses_an_altered_blob_and_leaves_no_file(populated: Callable[.
         data[-1] ^= 1
         blob.write_bytes(bytes(data))
     home = populated.home  # type: ignore[attr-defined]
-    result = invoke("--home", home, "--db", f"sqlite:///{home}/registry.db", "--store", home / "store",
-                    "export", "dx", "--out", tmp_path / "dx.tar")
+    result = invoke(
+        "--home",
+        home,
+        "--db",
+        f"sqlite:///{home}/registry.db",
+        "--store",
+        home / "store",
+        "export",
+        "dx",
+        "--out",
+        tmp_path / "dx.tar",
+    )
     assert_one_line(result, 1, "is altered on disk")
     assert not list(tmp_path.glob("*dx.tar*"))
 
@@ -282,16 +316,26 @@ BAD_ARCHIVES: dict[str, tuple[Callable[[Members], Members], list[str], str]] = {
     "duplicate member": (lambda m: [*m, m[-1]], [], "appears twice"),
     "member altered": (_altered_member, [], "is altered"),
     "no manifest": (lambda m: [x for x in m if x[0].name != "manifest.json"], [], "no manifest.json"),
-    "manifest not JSON": (lambda m: [(i, b"{nope" if i.name == "manifest.json" else d) for i, d in m], [], "not valid JSON"),
+    "manifest not JSON": (
+        lambda m: [(i, b"{nope" if i.name == "manifest.json" else d) for i, d in m],
+        [],
+        "not valid JSON",
+    ),
     "unknown format version": (_manifest_edit(lambda d: d.update(format_version=99)), [], "upgrade atmoe-registry"),
     "unlisted blob": (_manifest_edit(lambda d: d["members"].popitem()), [], "does not list"),
     "path-like expert name": (_manifest_edit(lambda d: d["experts"][0].update(name="../x")), [], "looks like a path"),
     "file name with a slash": (
-        _manifest_edit(lambda d: d["experts"][0]["files"][0].update(path="../adapter_config.json")), [], "plain"),
+        _manifest_edit(lambda d: d["experts"][0]["files"][0].update(path="../adapter_config.json")),
+        [],
+        "plain",
+    ),
     "expert digest mismatch": (_manifest_edit(lambda d: d["experts"][0].update(digest="f" * 64)), [], "content digest"),
     "NaN weights": (_nan_weights, [], "contains NaN or Inf"),
     "pin to a missing expert": (
-        _manifest_edit(lambda d: d["compositions"][0]["members"][0].update(version=7)), [], "does not hold"),
+        _manifest_edit(lambda d: d["compositions"][0]["members"][0].update(version=7)),
+        [],
+        "does not hold",
+    ),
 }
 
 
@@ -309,7 +353,9 @@ def test_bad_archive_is_refused_and_changes_nothing(
     assert snapshot() == before
 
 
-def test_not_a_tar_file_and_a_truncated_one(populated: Callable[..., Any], tmp_path: Path, snapshot: Callable[[], Any]) -> None:
+def test_not_a_tar_file_and_a_truncated_one(
+    populated: Callable[..., Any], tmp_path: Path, snapshot: Callable[[], Any]
+) -> None:
     good = tmp_path / "good.tar.gz"
     populated("export", "medqa", "--out", good)
     junk = tmp_path / "junk.tar"
@@ -325,7 +371,9 @@ def test_not_a_tar_file_and_a_truncated_one(populated: Callable[..., Any], tmp_p
     assert snapshot() == before
 
 
-def test_import_never_extracts_to_the_filesystem(populated: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_import_never_extracts_to_the_filesystem(
+    populated: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = tmp_path / "good.tar"
     populated("export", "medqa", "--out", good)
 

@@ -48,13 +48,28 @@ def catalog(tmp_path: Path) -> dict[str, Any]:
         ok("add-expert", write_adapter(adapters / name, seed=seed), "--name", name, "--group", group)
     ok("groups", "--add", "extra")
     ok("groups", "--add", "empty")
-    ok("add-expert", write_adapter(adapters / "alien", seed=9, base_model="other/base"), "--name", "alien",
-       "--group", "extra")
+    ok(
+        "add-expert",
+        write_adapter(adapters / "alien", seed=9, base_model="other/base"),
+        "--name",
+        "alien",
+        "--group",
+        "extra",
+    )
     ok("compose", "--name", "med", "--groups", "functional,domain")
     with Registry.open() as registry:
         blob = registry.store.put_bytes(save({"router.weight": np.zeros((2, 2), np.float32)})).digest
-        registry.transact(lambda s: record_router(s, get_composition(s, "med"), blob_digest=blob, data_digest=None,
-                                                  eval_data_digest=None, hyperparameters={}, metrics={}))
+        registry.transact(
+            lambda s: record_router(
+                s,
+                get_composition(s, "med"),
+                blob_digest=blob,
+                data_digest=None,
+                eval_data_digest=None,
+                hyperparameters={},
+                metrics={},
+            )
+        )
     archive = tmp_path / "med.tar"
     ok("export", "med", "--out", archive)
     return {"root": tmp_path, "adapters": adapters, "archive": archive}
@@ -127,13 +142,24 @@ ADAPTER_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "config not JSON": (lambda r: (r / CONFIG_FILE).write_text("{r: 4"), "is not valid JSON"),
     "not a LoRA (IA3)": (_edit_config(peft_type="IA3"), "only LORA adapters"),
     "rank not a number": (_edit_config(r="four"), "r must be a positive integer"),
-    "DoRA config without magnitudes": (_edit_config(use_dora=True), "no lora_magnitude_vector but the config sets use_dora"),
-    "pickle weights beside": (lambda r: (r / "adapter_model.bin").write_bytes(b"\x80\x04pickle"), "pickle weights are never loaded"),
+    "DoRA config without magnitudes": (
+        _edit_config(use_dora=True),
+        "no lora_magnitude_vector but the config sets use_dora",
+    ),
+    "pickle weights beside": (
+        lambda r: (r / "adapter_model.bin").write_bytes(b"\x80\x04pickle"),
+        "pickle weights are never loaded",
+    ),
     "pickle weights only": (
-        lambda r: (r / WEIGHTS_FILE).rename(r / "adapter_model.pt"), "pickle weights are never loaded"),
+        lambda r: (r / WEIGHTS_FILE).rename(r / "adapter_model.pt"),
+        "pickle weights are never loaded",
+    ),
     "no weights": (lambda r: (r / WEIGHTS_FILE).unlink(), "only safetensors LoRA weights"),
     "corrupt safetensors header": (_edit_weights(lambda d: d.__setitem__(slice(8, 16), b"\xff" * 8)), "corrupt"),
-    "huge header length": (_edit_weights(lambda d: d.__setitem__(slice(0, 8), (2**40).to_bytes(8, "little"))), "corrupt"),
+    "huge header length": (
+        _edit_weights(lambda d: d.__setitem__(slice(0, 8), (2**40).to_bytes(8, "little"))),
+        "corrupt",
+    ),
     "truncated safetensors": (_edit_weights(lambda d: d.__delitem__(slice(len(d) - 100, len(d)))), "truncated"),
     "empty safetensors": (lambda r: (r / WEIGHTS_FILE).write_bytes(b""), "truncated"),
     "shapes disagree with r": (_edit_config(r=8), "but the config says r = 8"),
@@ -153,8 +179,18 @@ def test_bad_adapters(catalog: dict[str, Any], snapshot: Callable[[], Any]) -> N
     not_a_dir = catalog["root"] / "file.safetensors"
     not_a_dir.write_bytes(b"x")
     cases += [
-        ("a file, not a directory", ("add-expert", not_a_dir, "--name", "g", "--group", "domain"), 1, "not a directory"),
-        ("no such path", ("add-expert", catalog["root"] / "nope", "--name", "g", "--group", "domain"), 1, "no such directory"),
+        (
+            "a file, not a directory",
+            ("add-expert", not_a_dir, "--name", "g", "--group", "domain"),
+            1,
+            "not a directory",
+        ),
+        (
+            "no such path",
+            ("add-expert", catalog["root"] / "nope", "--name", "g", "--group", "domain"),
+            1,
+            "no such directory",
+        ),
     ]
     _run_cases("adapters", cases, snapshot)
 
@@ -166,15 +202,29 @@ def test_bad_groups_and_compositions(catalog: dict[str, Any], snapshot: Callable
     gastro = catalog["adapters"] / "gastro"
     compose = ("compose", "--name", "x", "--groups")
     cases: list[Case] = [
-        ("unknown group (add-expert)", ("add-expert", gastro, "--name", "g", "--group", "cardio"), 1, "unknown group 'cardio'"),
+        (
+            "unknown group (add-expert)",
+            ("add-expert", gastro, "--name", "g", "--group", "cardio"),
+            1,
+            "unknown group 'cardio'",
+        ),
         ("unknown group (compose)", (*compose, "functional,cardio"), 1, "unknown group 'cardio'"),
         ("empty group", (*compose, "functional,empty"), 1, "group 'empty' has no experts"),
         ("different base models", (*compose, "functional,extra"), 1, "different base models"),
         ("duplicate expert", (*compose, "functional", "--expert", "dx", "--expert", "dx"), 1, "duplicate expert 'dx'"),
-        ("duplicate expert, two versions", (*compose, "functional", "--expert", "dx@1", "--expert", "dx@latest"), 1,
-         "duplicate expert"),
+        (
+            "duplicate expert, two versions",
+            (*compose, "functional", "--expert", "dx@1", "--expert", "dx@latest"),
+            1,
+            "duplicate expert",
+        ),
         ("member also general", (*compose, "functional", "--general", "dx"), 1, "duplicate expert 'dx'"),
-        ("expert outside the groups", (*compose, "functional", "--expert", "gastro"), 1, "which --groups does not list"),
+        (
+            "expert outside the groups",
+            (*compose, "functional", "--expert", "gastro"),
+            1,
+            "which --groups does not list",
+        ),
         ("unknown expert", (*compose, "functional", "--expert", "nobody"), 1, "no expert named 'nobody'"),
         ("group listed twice", (*compose, "functional,functional"), 2, "lists a group twice"),
         ("lambda out of range", (*compose, "functional", "--lambda", "2"), 2, "--lambda"),
@@ -205,9 +255,19 @@ def test_names_that_look_like_paths(catalog: dict[str, Any], snapshot: Callable[
         )
     ]
     cases += [
-        ("domain", ("add-expert", gastro, "--name", "g", "--group", "domain", "--domain", "x/y"), 2, "looks like a path"),
+        (
+            "domain",
+            ("add-expert", gastro, "--name", "g", "--group", "domain", "--domain", "x/y"),
+            2,
+            "looks like a path",
+        ),
         ("style", ("add-expert", gastro, "--name", "g", "--group", "domain", "--style", ".."), 2, "looks like a path"),
-        ("tag key", ("add-expert", gastro, "--name", "g", "--group", "domain", "--tag", "../k=v"), 2, "looks like a path"),
+        (
+            "tag key",
+            ("add-expert", gastro, "--name", "g", "--group", "domain", "--tag", "../k=v"),
+            2,
+            "looks like a path",
+        ),
         ("too long", ("add-expert", gastro, "--name", "n" * 65, "--group", "domain"), 2, "longer than 64"),
         ("bad characters", ("add-expert", gastro, "--name", "a b", "--group", "domain"), 2, "is not valid"),
     ]
@@ -250,8 +310,18 @@ def test_bad_archives(catalog: dict[str, Any], snapshot: Callable[[], Any]) -> N
     ]
     members = len(tarfile.open(catalog["archive"]).getnames())
     cases += [
-        ("too many members", ("import", catalog["archive"], "--max-members", members - 1), 1, f"more than {members - 1} members"),
-        ("too large member", ("import", catalog["archive"], "--max-member-size", "1k"), 1, "more than the limit of 1024"),
+        (
+            "too many members",
+            ("import", catalog["archive"], "--max-members", members - 1),
+            1,
+            f"more than {members - 1} members",
+        ),
+        (
+            "too large member",
+            ("import", catalog["archive"], "--max-member-size", "1k"),
+            1,
+            "more than the limit of 1024",
+        ),
         ("not an archive", ("import", catalog["adapters"] / "gastro" / CONFIG_FILE), 1, "not a readable tar archive"),
     ]
     _run_cases("archives", cases, snapshot)
@@ -276,18 +346,30 @@ def test_malformed_training_data_and_forced_weights(catalog: dict[str, Any], sna
         cases.append((f"data: {label}", ("train-router", "med", "--data", path), 1, f"{path.name}:{line}:"))
     cases += [
         ("data: no such file", ("train-router", "med", "--data", catalog["root"] / "none.jsonl"), 1, "no such file"),
-        ("schedule: unknown", ("train-router", "med", "--data", catalog["root"] / "none.jsonl", "--schedule", "step"), 2,
-         "--schedule"),
-        ("warm-up: whole run", ("train-router", "med", "--data", catalog["root"] / "none.jsonl", "--warmup-ratio", "1"),
-         2, "--warmup-ratio must be >= 0 and < 1"),
+        (
+            "schedule: unknown",
+            ("train-router", "med", "--data", catalog["root"] / "none.jsonl", "--schedule", "step"),
+            2,
+            "--schedule",
+        ),
+        (
+            "warm-up: whole run",
+            ("train-router", "med", "--data", catalog["root"] / "none.jsonl", "--warmup-ratio", "1"),
+            2,
+            "--warmup-ratio must be >= 0 and < 1",
+        ),
         ("force: unknown expert", ("route", "med", "hi", "--force", "nobody=1"), 2, "not an expert of med@1"),
         ("force: negative weight", ("route", "med", "hi", "--force", "dx=-1"), 2, ">= 0"),
         ("force: not finite", ("route", "med", "hi", "--force", "dx=inf"), 2, "finite"),
         ("force: not a number", ("route", "med", "hi", "--force", "dx=lots"), 2, "is not a number"),
         ("force: no weight", ("route", "med", "hi", "--force", "dx"), 2, "NAME=WEIGHT"),
         ("force: twice", ("generate", "med", "hi", "--force", "dx=1", "--force", "dx=0"), 2, "twice"),
-        ("force: export-lora unknown expert", ("export-lora", "med", catalog["root"] / "out", "--force", "gastro2=1"), 2,
-         "not an expert of med@1"),
+        (
+            "force: export-lora unknown expert",
+            ("export-lora", "med", catalog["root"] / "out", "--force", "gastro2=1"),
+            2,
+            "not an expert of med@1",
+        ),
     ]
     _run_cases("training data and --force", cases, snapshot)
 
@@ -320,8 +402,15 @@ def test_unknown_schema_version(catalog: dict[str, Any], snapshot: Callable[[], 
     gastro = catalog["adapters"] / "gastro"
     cases: list[Case] = [
         (f"{args[0]}", args, 1, "'0099' is unknown to this atmoe-reg")
-        for args in (("list",), ("init",), ("db", "upgrade"), ("verify",), ("add-expert", gastro, "--name", "g", "--group", "domain"),
-                     ("compose", "--name", "x", "--groups", "functional"), ("import", catalog["archive"]))
+        for args in (
+            ("list",),
+            ("init",),
+            ("db", "upgrade"),
+            ("verify",),
+            ("add-expert", gastro, "--name", "g", "--group", "domain"),
+            ("compose", "--name", "x", "--groups", "functional"),
+            ("import", catalog["archive"]),
+        )
     ]
     _run_cases("unknown schema version", cases, snapshot)
 
@@ -342,7 +431,9 @@ def test_database_on_a_network_filesystem_warns_and_points_to_postgresql(
     ]
     for label, args, code, fragment in cases:  # the warning comes once per process and path
         monkeypatch.setattr(netfs, "_warned", set())
-        _run_cases("network filesystem", [(label, args, code, fragment)], lambda: snapshot(db_url=url), prefix="Warning: ")
+        _run_cases(
+            "network filesystem", [(label, args, code, fragment)], lambda: snapshot(db_url=url), prefix="Warning: "
+        )
     with create_engine(url).connect() as connection:  # no WAL where shared memory is not shared
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal"
 

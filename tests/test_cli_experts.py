@@ -73,7 +73,20 @@ def test_init_is_idempotent(atmoe_home: Path, snapshot: Callable[[], Any]) -> No
 
 def test_home_db_and_store_options(tmp_path: Path, adapters: dict[str, Path], sqlite_only: None) -> None:
     home, store, database = tmp_path / "h", tmp_path / "blobs", tmp_path / "cat.db"
-    ok("--home", home, "--store", store, "--db", database, "add-expert", adapters["gastro"], "--name", "g", "--group", "domain")
+    ok(
+        "--home",
+        home,
+        "--store",
+        store,
+        "--db",
+        database,
+        "add-expert",
+        adapters["gastro"],
+        "--name",
+        "g",
+        "--group",
+        "domain",
+    )
     assert database.is_file() and not (home / "registry.db").exists()
     assert len([p for p in (store / "sha256").rglob("*") if p.is_file()]) == 3
     with Registry.open(db_url=f"sqlite:///{database}", store=store) as registry:
@@ -92,7 +105,9 @@ def test_environment_variables(tmp_path: Path, adapters: dict[str, Path], monkey
 
 
 def test_add_list_show(adapters: dict[str, Path]) -> None:
-    result = add(adapters, "diagnosis", None, "functional", "--tag", "team=gi", "--tag", "stage=dev", "--description", "dx")
+    result = add(
+        adapters, "diagnosis", None, "functional", "--tag", "team=gi", "--tag", "stage=dev", "--description", "dx"
+    )
     assert "Added diagnosis@1 to group functional" in result.stderr and result.stdout == ""
     add(adapters, "gastro", None, "domain", "--domain", "gastroenterology", "--base-model", "tiny/llama")
     add(adapters, "rigorous", None, "style", "--style", "rigorous", "--tag", "team=gi")
@@ -182,7 +197,9 @@ def test_new_content_under_the_same_name_is_the_next_version(adapters: dict[str,
     assert "already gastro@1" in add(adapters, "gastro", "gastro", "domain").stderr
 
 
-def test_same_content_under_another_name_shares_the_blobs(adapters: dict[str, Path], snapshot: Callable[[], Any]) -> None:
+def test_same_content_under_another_name_shares_the_blobs(
+    adapters: dict[str, Path], snapshot: Callable[[], Any]
+) -> None:
     add(adapters, "gastro", "gastro", "domain")
     files = snapshot()["store"]
     add(adapters, "gastro", "gastro-copy", "domain")
@@ -282,11 +299,18 @@ def test_verify_finds_missing_blobs_and_router_blobs(adapters: dict[str, Path]) 
 
 def _composition(session: Any, expert: Expert, *, general: Expert | None = None) -> Composition:
     composition = Composition(
-        name="med", version=1, groups=[expert.group.name], n_groups=1, n_max=1, spec_digest="c" * 64,
+        name="med",
+        version=1,
+        groups=[expert.group.name],
+        n_groups=1,
+        n_max=1,
+        spec_digest="c" * 64,
         general_expert_id=general.id if general else None,
     )
     composition.members.append(
-        CompositionExpert(expert_id=expert.id, group_name=expert.group.name, group_index=0, slot=0, digest=expert.digest)
+        CompositionExpert(
+            expert_id=expert.id, group_name=expert.group.name, group_index=0, slot=0, digest=expert.digest
+        )
     )
     session.add(composition)
     session.flush()
@@ -341,7 +365,9 @@ def test_gc_keeps_router_blobs_and_young_files_and_removes_stale_temp_files(adap
         assert registry.verify() == []
 
 
-def test_remove_refuses_while_a_composition_pins_the_expert(adapters: dict[str, Path], snapshot: Callable[[], Any]) -> None:
+def test_remove_refuses_while_a_composition_pins_the_expert(
+    adapters: dict[str, Path], snapshot: Callable[[], Any]
+) -> None:
     add(adapters, "gastro", None, "domain")
     add(adapters, "rigorous", "general-1", "general")
     with Registry.open() as registry, registry.write() as session:
@@ -490,14 +516,18 @@ def test_unknown_group_is_refused_and_changes_nothing(adapters: dict[str, Path],
     result = invoke("add-expert", adapters["gastro"], "--name", "g", "--group", "cardio")
     assert_one_line_error(result, 1, "unknown group 'cardio'")
     assert "atmoe-reg groups --add cardio" in result.stderr
-    assert_one_line_error(invoke("add-expert", adapters["gastro"], "--name", "g", "--group", "../x"), 2, "looks like a path")
+    assert_one_line_error(
+        invoke("add-expert", adapters["gastro"], "--name", "g", "--group", "../x"), 2, "looks like a path"
+    )
     assert snapshot() == before
 
 
 def test_missing_path_is_refused(tmp_path: Path, snapshot: Callable[[], Any]) -> None:
     ok("init")
     before = snapshot()
-    assert_one_line_error(invoke("add-expert", tmp_path / "nope", "--name", "g", "--group", "domain"), 1, "no such directory")
+    assert_one_line_error(
+        invoke("add-expert", tmp_path / "nope", "--name", "g", "--group", "domain"), 1, "no such directory"
+    )
     assert snapshot() == before
 
 

@@ -77,15 +77,22 @@ def test_processes_adding_at_once_lose_nothing(tmp_path: Path) -> None:
     same = write_adapter(adapters / "same", seed=10_000)
     plans = []
     for worker in range(PROCESSES):
-        adds = [(_name(worker, i), str(write_adapter(adapters / f"w{worker}-{i}", seed=worker * 100 + i)))
-                for i in range(ADDS)]
+        adds = [
+            (_name(worker, i), str(write_adapter(adapters / f"w{worker}-{i}", seed=worker * 100 + i)))
+            for i in range(ADDS)
+        ]
         adds.insert(ADDS // 2, ("same", str(same)))
         plans.append({"go": str(tmp_path / "go"), "out": str(tmp_path / f"result-{worker}.json"), "adds": adds})
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     workers = [
-        subprocess.Popen([sys.executable, str(script), json.dumps(plan)], env=os.environ.copy(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(script), json.dumps(plan)],
+            env=os.environ.copy(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for plan in plans
     ]
     time.sleep(0.2)  # let them import; whoever is ready first waits on the go file

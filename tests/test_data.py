@@ -16,11 +16,14 @@ def write_lines(path, lines):
 
 
 def test_reads_prompt_response_and_messages(tmp_path):
-    path = write_lines(tmp_path / "train.jsonl", [
-        json.dumps({"prompt": "q1", "response": "a1", "intents": ["diagnosis"]}),
-        "",
-        json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}),
-    ])
+    path = write_lines(
+        tmp_path / "train.jsonl",
+        [
+            json.dumps({"prompt": "q1", "response": "a1", "intents": ["diagnosis"]}),
+            "",
+            json.dumps({"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}),
+        ],
+    )
     first, second = read_examples(path)
     assert (first.prompt, first.response, first.intents, first.line) == ("q1", "a1", ("diagnosis",), 1)
     assert second.messages == ({"role": "user", "content": "q2"},) and second.response == "a2"

@@ -22,8 +22,9 @@ METHODS = ("base", "best_single_expert", "general_only", "uniform_mixture", "fla
 
 def test_demo_quick_writes_a_finite_report(tmp_path):
     out, home = tmp_path / "out", tmp_path / "home"
-    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--home", str(home)],
-                                catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, ["demo", "--quick", "--out", str(out), "--home", str(home)], catch_exceptions=False
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == set(METHODS)
@@ -76,9 +77,20 @@ def test_group_layouts_on_a_tiny_profile(tmp_path, monkeypatch):
     from atmoe.demo.layouts import LAYOUTS
     from atmoe.registry.registry import Registry
 
-    tiny = replace(pipeline.QUICK, suite=tasks.DEFAULT_SUITE, base=replace(pipeline.QUICK.base, pretrain_steps=40),
-                   expert=replace(pipeline.QUICK.expert, steps=20), general_steps=20, n_expert=40, n_router=48,
-                   n_router_eval=16, n_test=24, router_epochs=1, router_seeds=2, layouts=LAYOUTS)
+    tiny = replace(
+        pipeline.QUICK,
+        suite=tasks.DEFAULT_SUITE,
+        base=replace(pipeline.QUICK.base, pretrain_steps=40),
+        expert=replace(pipeline.QUICK.expert, steps=20),
+        general_steps=20,
+        n_expert=40,
+        n_router=48,
+        n_router_eval=16,
+        n_test=24,
+        router_epochs=1,
+        router_seeds=2,
+        layouts=LAYOUTS,
+    )
     monkeypatch.setattr(pipeline, "QUICK", tiny)
     home = tmp_path / "home"
     report = pipeline.run_demo(tmp_path / "out", quick=True, home=home)
@@ -93,8 +105,12 @@ def test_group_layouts_on_a_tiny_profile(tmp_path, monkeypatch):
     with Registry.open(home=home) as registry:
         experts = {e.name: e for e in registry.list_experts()}
         assert experts["animal-mixed"].digest == experts["animal"].digest  # the same adapter, a new row
-        assert [e.name for e in registry.list_experts(domain="animal")] == ["animal", "animal-mixed", "animal-one",
-                                                                           "animal-solo"]
+        assert [e.name for e in registry.list_experts(domain="animal")] == [
+            "animal",
+            "animal-mixed",
+            "animal-one",
+            "animal-solo",
+        ]
         assert len(registry.routers("demo-solo-groups")) == 2
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| one group of all experts (`one_group`) | 1 x 8 |" in text

@@ -54,8 +54,9 @@ def _tokenizer(words):
     vocab = ["<pad>", "<s>", "</s>", "<unk>", *words]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +103,9 @@ def test_routing_accuracy_scores_a_layout_with_the_suite_groups(tiny):
 
     base, tokenizer, paths, examples = tiny
     layout = make_layout("solo_groups", SUITE)
-    model = build_atmoe(copy.deepcopy(base), {g: {n: paths[layout.source[n]] for n in names}
-                                              for g, names in layout.groups.items()})
+    model = build_atmoe(
+        copy.deepcopy(base), {g: {n: paths[layout.source[n]] for n in names} for g, names in layout.groups.items()}
+    )
     intended = examples[0]["intents"]
     # forced weights on the intended experts: every intended expert tops its suite group
     with model.forced_routing({f"{n}-solo": 1.0 for n in intended}):

@@ -8,9 +8,14 @@ from atmoe.demo.report import _compare
 
 
 def _report(ours: list[float], other: list[float]) -> dict:
-    return {"methods": {"atmoe": {"eval_loss": fmean(ours)}, "flat_router": {"eval_loss": fmean(other)},
-                        "uniform_mixture": {"eval_loss": 5.0}},
-            "method_details": {"atmoe": {"eval_loss_per_seed": ours}, "flat_router": {"eval_loss_per_seed": other}}}
+    return {
+        "methods": {
+            "atmoe": {"eval_loss": fmean(ours)},
+            "flat_router": {"eval_loss": fmean(other)},
+            "uniform_mixture": {"eval_loss": 5.0},
+        },
+        "method_details": {"atmoe": {"eval_loss_per_seed": ours}, "flat_router": {"eval_loss_per_seed": other}},
+    }
 
 
 def test_a_gap_inside_the_spread_of_the_runs_is_a_tie():
@@ -33,10 +38,24 @@ def test_one_run_per_method_says_a_small_gap_is_not_evidence():
 def _layouts(ours: list[float], one: list[float], mixed: list[float], solo: list[float]) -> dict:
     shapes = {"intent_groups": (3, 3), "one_group": (1, 8), "mixed_groups": (3, 3), "solo_groups": (8, 1)}
     runs = {"intent_groups": ours, "one_group": one, "mixed_groups": mixed, "solo_groups": solo}
-    return {k: {"eval_loss": fmean(v), "eval_loss_per_seed": v, "n_groups": shapes[k][0], "n_max": shapes[k][1],
-                "accuracy": 0.5, "routing_accuracy": 0.9, "groups": {"g": ["e"] * 8} if k == "one_group" else
-                {"functional": ["count", "parity", "vowel"], "domain": ["animal", "color", "fruit"],
-                 "style": ["loud", "curious"]}} for k, v in runs.items()}
+    return {
+        k: {
+            "eval_loss": fmean(v),
+            "eval_loss_per_seed": v,
+            "n_groups": shapes[k][0],
+            "n_max": shapes[k][1],
+            "accuracy": 0.5,
+            "routing_accuracy": 0.9,
+            "groups": {"g": ["e"] * 8}
+            if k == "one_group"
+            else {
+                "functional": ["count", "parity", "vowel"],
+                "domain": ["animal", "color", "fruit"],
+                "style": ["loud", "curious"],
+            },
+        }
+        for k, v in runs.items()
+    }
 
 
 def test_the_layout_answer_compares_each_layout_with_the_suite_groups_by_the_spread_rule():

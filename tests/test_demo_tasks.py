@@ -16,10 +16,17 @@ def test_a_composite_answer_has_one_field_per_group():
     assert ex["intents"] == ["count", "animal", "loud"]
 
 
-@pytest.mark.parametrize(("function", "letters", "word"), [
-    ("count", "cab", "three"), ("parity", "cab", "odd"), ("parity", "cabd", "even"),
-    ("vowel", "cdb", "no"), ("vowel", "cdeb", "yes"), ("vowel", "acd", "yes"),
-])
+@pytest.mark.parametrize(
+    ("function", "letters", "word"),
+    [
+        ("count", "cab", "three"),
+        ("parity", "cab", "odd"),
+        ("parity", "cabd", "even"),
+        ("vowel", "cdb", "no"),
+        ("vowel", "cdeb", "yes"),
+        ("vowel", "acd", "yes"),
+    ],
+)
 def test_functional_intents_compute_a_word(function, letters, word):
     assert tasks.answer(list(letters), function, "same", "plain")[-1] == word
 

@@ -27,8 +27,13 @@ SPECS = {
         {
             "a": dict(r=4, seed=11),
             "b": dict(r=2, target_modules=["q_proj", "v_proj"], use_rslora=True, seed=12),
-            "c": dict(r=3, target_modules=["q_proj", "k_proj", "gate_proj", "down_proj"], seed=13,
-                      rank_pattern={"q_proj": 5, "layers.1.mlp.down_proj": 1}, alpha_pattern={"k_proj": 3}),
+            "c": dict(
+                r=3,
+                target_modules=["q_proj", "k_proj", "gate_proj", "down_proj"],
+                seed=13,
+                rank_pattern={"q_proj": 5, "layers.1.mlp.down_proj": 1},
+                alpha_pattern={"k_proj": 3},
+            ),
             "g": dict(r=6, lora_alpha=4, seed=14),
         },
     ),
@@ -37,8 +42,13 @@ SPECS = {
         {
             "a": dict(r=4, seed=21),
             "b": dict(r=2, target_modules=["c_attn"], use_rslora=True, seed=22),
-            "c": dict(r=3, target_modules=["c_attn", "c_fc"], seed=23,
-                      rank_pattern={"c_fc": 6}, alpha_pattern={"h.0.attn.c_attn": 1}),
+            "c": dict(
+                r=3,
+                target_modules=["c_attn", "c_fc"],
+                seed=23,
+                rank_pattern={"c_fc": 6},
+                alpha_pattern={"h.0.attn.c_attn": 1},
+            ),
             "g": dict(r=5, seed=24),
         },
     ),
@@ -47,8 +57,13 @@ SPECS = {
         {
             "a": dict(r=4, seed=31),
             "b": dict(r=2, target_modules=["value"], use_rslora=True, seed=32),
-            "c": dict(r=3, target_modules=r".*layer\.\d+\..*dense", seed=33,
-                      rank_pattern={"intermediate.dense": 7}, alpha_pattern={"layer.1.output.dense": 2}),
+            "c": dict(
+                r=3,
+                target_modules=r".*layer\.\d+\..*dense",
+                seed=33,
+                rank_pattern={"intermediate.dense": 7},
+                alpha_pattern={"layer.1.output.dense": 2},
+            ),
             "g": dict(r=4, seed=34),
         },
     ),
@@ -203,8 +218,9 @@ def test_token_routing_runs_and_reports_distributions(setup):
         forced = output(model, ids, mask)
     torch.testing.assert_close(forced, output(peft_model(base, dirs, {"b": 1.0}), ids, mask), atol=ATOL, rtol=RTOL)
     if name != "bert":
-        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                   pad_token_id=0)
+        generated = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
         assert generated.shape == (2, ids.shape[1] + 4)
 
 
@@ -241,8 +257,7 @@ def test_decoding_reuses_the_prompt_weights(decoder_setup):
     _randomise_routers(model)
     model(input_ids=ids, attention_mask=mask)
     prompt_routing = model.last_routing()
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                               pad_token_id=0)
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert generated.shape[1] == ids.shape[1] + 5
     assert _close(model.last_routing(), prompt_routing)
     # the same request without the cache re-routes over the longer text each step: different weights
@@ -251,6 +266,4 @@ def test_decoding_reuses_the_prompt_weights(decoder_setup):
 
 
 def _close(a, b, tol=1e-5):
-    return all(
-        abs(x["experts"][k] - y["experts"][k]) < tol for x, y in zip(a, b) for k in x["experts"]
-    )
+    return all(abs(x["experts"][k] - y["experts"][k]) < tol for x, y in zip(a, b) for k in x["experts"])

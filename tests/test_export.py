@@ -31,8 +31,9 @@ def test_forced_plan_exports_exactly(tmp_path, arch):
         "c": make_peft_adapter(base, tmp_path / "c", r=3, target_modules=targets[-1:], seed=3),
     }
     general = make_peft_adapter(base, tmp_path / "g", r=2, target_modules=targets, seed=4)
-    model = build_atmoe(copy.deepcopy(base), {"f": {"a": paths["a"], "b": paths["b"]}, "d": {"c": paths["c"]}},
-                        general=general, lam=0.7)
+    model = build_atmoe(
+        copy.deepcopy(base), {"f": {"a": paths["a"], "b": paths["b"]}, "d": {"c": paths["c"]}}, general=general, lam=0.7
+    )
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     with model.forced_routing({"a": 0.6, "c": 0.4}), torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -71,9 +72,14 @@ def test_token_routing_without_force_is_refused(tmp_path):
 @pytest.mark.parametrize("kind", ["embedding", "lora_bias"])
 def test_embedding_and_lora_bias_plans_export_exactly(tmp_path, kind):
     base = make_tiny_llama()
-    options = ({"target_modules": ["embed_tokens", "q_proj", "lm_head"]} if kind == "embedding"
-               else {"target_modules": ["q_proj", "down_proj"], "lora_bias": True})
-    with pytest.warns(UserWarning) if kind == "lora_bias" else contextlib.nullcontext():  # PEFT: Llama linears have no bias
+    options = (
+        {"target_modules": ["embed_tokens", "q_proj", "lm_head"]}
+        if kind == "embedding"
+        else {"target_modules": ["q_proj", "down_proj"], "lora_bias": True}
+    )
+    with (
+        pytest.warns(UserWarning) if kind == "lora_bias" else contextlib.nullcontext()
+    ):  # PEFT: Llama linears have no bias
         paths = {n: make_peft_adapter(base, tmp_path / n, r=2 + i, seed=20 + i, **options) for i, n in enumerate("xy")}
     model = build_atmoe(copy.deepcopy(base), {"g": {"x": paths["x"], "y": paths["y"]}})
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))

@@ -30,8 +30,9 @@ def _tokenizer():
     words = ["<pad>", "<s>", "</s>", "<unk>", *FUNCTIONAL, *DOMAIN, *STYLE, *FILLER]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def run(*args: str, code: int = 0) -> str:
@@ -56,8 +57,14 @@ def workspace(tmp_path_factory) -> dict:
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()  # adapters record base_dir
     names = [*FUNCTIONAL, *DOMAIN, *STYLE, "gen"]
     paths = {name: make_peft_adapter(base, root / name, r=4, seed=20 + i) for i, name in enumerate(names)}
-    model = build_atmoe(base, {"functional": {n: paths[n] for n in FUNCTIONAL},
-                               "domain": {n: paths[n] for n in DOMAIN}, "style": {n: paths[n] for n in STYLE}})
+    model = build_atmoe(
+        base,
+        {
+            "functional": {n: paths[n] for n in FUNCTIONAL},
+            "domain": {n: paths[n] for n in DOMAIN},
+            "style": {n: paths[n] for n in STYLE},
+        },
+    )
     rng = random.Random(0)
 
     def example() -> dict:
@@ -65,9 +72,10 @@ def workspace(tmp_path_factory) -> dict:
         prompt = " ".join([*intents, *rng.sample(FILLER, 2)])
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with model.forced_routing({name: 1 / 3 for name in intents}), torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
-                                 do_sample=False, pad_token_id=0)
-        response = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
+            )
+        response = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         return {"prompt": prompt, "response": response or "x0", "intents": intents}
 
     data = {}
@@ -92,11 +100,30 @@ TRAIN = ("--epochs", "6", "--lr", "0.05", "--batch-size", "8", "--json")
 def test_compose_records_layout_and_is_idempotent(composed):
     assert (composed["n_groups"], composed["n_max"], composed["version"], composed["created"]) == (3, 2, 1, True)
     assert [(m["group"], m["slot"], m["name"]) for m in composed["experts"]] == [
-        ("functional", 0, "fa"), ("functional", 1, "fb"), ("domain", 0, "da"), ("domain", 1, "db"), ("style", 0, "sa")]
+        ("functional", 0, "fa"),
+        ("functional", 1, "fb"),
+        ("domain", 0, "da"),
+        ("domain", 1, "db"),
+        ("style", 0, "sa"),
+    ]
     again = json.loads(run("compose", "--name", "medqa", "--groups", "functional,domain,style", "--json"))
     assert (again["version"], again["created"]) == (1, False)
-    narrowed = json.loads(run("compose", "--name", "medqa", "--groups", "functional,domain,style",
-                              "--expert", "fa", "--general", "gen", "--lambda", "0.7", "--json"))
+    narrowed = json.loads(
+        run(
+            "compose",
+            "--name",
+            "medqa",
+            "--groups",
+            "functional,domain,style",
+            "--expert",
+            "fa",
+            "--general",
+            "gen",
+            "--lambda",
+            "0.7",
+            "--json",
+        )
+    )
     assert narrowed["version"] == 2 and narrowed["n_max"] == 2 and narrowed["lambda"] == 0.7
     assert [m["name"] for m in narrowed["experts"]] == ["fa", "da", "db", "sa"]
     listed = json.loads(run("compositions", "--json"))
@@ -110,16 +137,29 @@ def test_train_route_force_generate_and_lineage(workspace, composed, atmoe_home)
     from atmoe.registry import Registry
     from atmoe.registry.models import CompositionExpert, Expert, Router
 
-    first = json.loads(run("train-router", "medqa", "--data", str(workspace["train"]), "--eval",
-                           str(workspace["eval"]), "--alias", "prod", *TRAIN))
+    first = json.loads(
+        run(
+            "train-router",
+            "medqa",
+            "--data",
+            str(workspace["train"]),
+            "--eval",
+            str(workspace["eval"]),
+            "--alias",
+            "prod",
+            *TRAIN,
+        )
+    )
     metrics = first["metrics"]
     assert first["ref"] == "medqa@1:1" and first["aliases"] == ["prod"]
     assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.05, metrics
     assert metrics["routing_accuracy"] >= 0.75, metrics
-    second = json.loads(run("train-router", "medqa", "--data", str(workspace["train"]), "--seed", "1",
-                            "--alias", "prod", *TRAIN))
-    third = json.loads(run("train-router", "medqa", "--data", str(workspace["train"]), "--eval",
-                           str(workspace["eval"]), *TRAIN))
+    second = json.loads(
+        run("train-router", "medqa", "--data", str(workspace["train"]), "--seed", "1", "--alias", "prod", *TRAIN)
+    )
+    third = json.loads(
+        run("train-router", "medqa", "--data", str(workspace["train"]), "--eval", str(workspace["eval"]), *TRAIN)
+    )
     assert (second["number"], third["number"]) == (2, 3)
     assert second["aliases"] == ["prod"]  # the alias moved
     assert third["blob_digest"] == first["blob_digest"]  # same data, seed, hyperparameters: same router
@@ -174,7 +214,11 @@ def test_remove_refuses_pinned_expert_and_gc_keeps_router_blobs(workspace, compo
         (("route", "nothing", "fa x1"), 1, "no composition nothing"),
         (("route", "medqa:prod", "fa x1"), 1, "no router alias 'prod'"),
         (("compose", "--name", "x", "--groups", "functional,nosuch"), 1, "unknown group 'nosuch'"),
-        (("compose", "--name", "x", "--groups", "functional", "--expert", "fa", "--expert", "fa"), 1, "duplicate expert"),
+        (
+            ("compose", "--name", "x", "--groups", "functional", "--expert", "fa", "--expert", "fa"),
+            1,
+            "duplicate expert",
+        ),
         (("compose", "--name", "x", "--groups", "general"), 1, "fine"),
         (("compose", "--name", "../x", "--groups", "functional"), 2, "looks like a path"),
         (("compose", "--name", "x", "--groups", "functional", "--expert", "nobody"), 1, "no expert named"),

@@ -31,12 +31,13 @@ MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
 json_values = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-patterns = st.sampled_from(["q_proj", "v_proj", "layers.0.q_proj", ".*", "(?i)q", "q)(", "\\1", "[", "a|b", "(x)"]) | st.text(
-    max_size=6
-)
+patterns = st.sampled_from(
+    ["q_proj", "v_proj", "layers.0.q_proj", ".*", "(?i)q", "q)(", "\\1", "[", "a|b", "(x)"]
+) | st.text(max_size=6)
 config_values = {
     "peft_type": st.sampled_from(["LORA", "LORA", "IA3", "lora", ""]) | json_scalars,
     "r": st.sampled_from([1, 2, 4, 8]) | json_scalars,
@@ -128,8 +129,9 @@ def test_fuzzed_configs_raise_only_our_errors(config: bytes) -> None:
     import numpy as np
     from safetensors.numpy import save
 
-    weights = save({f"{MODULE}.lora_A.weight": np.ones((2, 4), np.float32),
-                    f"{MODULE}.lora_B.weight": np.ones((4, 2), np.float32)})
+    weights = save(
+        {f"{MODULE}.lora_A.weight": np.ones((2, 4), np.float32), f"{MODULE}.lora_B.weight": np.ones((4, 2), np.float32)}
+    )
     _validate(config, weights)
 
 
@@ -141,7 +143,9 @@ def test_fuzzed_safetensors_raise_only_our_errors(weights: bytes) -> None:
     _validate(GOOD_CONFIG, weights)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(config=configs(), weights=safetensors_files())
 def test_fuzzed_adapters_through_add_expert_are_one_line_and_change_nothing(config: bytes, weights: bytes) -> None:
     """The whole command: exit 0, or exit 1/2 with one line on stderr; a refusal adds no row."""

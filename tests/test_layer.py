@@ -30,8 +30,9 @@ def make_base(kind: str, generator) -> nn.Module:
 
 def make_pieces(generator, ranks, scales, columns):
     return [
-        LoraPiece(column=c, A=torch.randn(r, IN, generator=generator), B=torch.randn(OUT, r, generator=generator),
-                  scale=s)
+        LoraPiece(
+            column=c, A=torch.randn(r, IN, generator=generator), B=torch.randn(OUT, r, generator=generator), scale=s
+        )
         for r, s, c in zip(ranks, scales, columns)
     ]
 
@@ -40,7 +41,7 @@ def naive(base, pieces, coefficients, x):
     """y = W0 x + sum over pieces of coefficient[column] * s * B A x, one piece at a time."""
     y = base(x)
     for piece in pieces:
-        c = coefficients[..., piece.column : piece.column + 1]          # [B, 1|T, 1]
+        c = coefficients[..., piece.column : piece.column + 1]  # [B, 1|T, 1]
         y = y + c * piece.scale * (x @ piece.A.T @ piece.B.T)
     return y
 
@@ -83,7 +84,7 @@ def test_absent_expert_contributes_nothing(kind, generator):
 def test_general_expert_gets_one_minus_lambda(kind, generator):
     base = make_base(kind, generator)
     experts = make_pieces(generator, ranks=[2, 4], scales=[2.0, 1.0], columns=[0, 1])
-    general = make_pieces(generator, ranks=[6], scales=[0.75], columns=[2])[0]   # column E = 2
+    general = make_pieces(generator, ranks=[6], scales=[0.75], columns=[2])[0]  # column E = 2
     routing = BlockRouting()
     layer = MixtureLoraLinear(base, experts + [general], routing)
     x = torch.randn(2, 3, IN, generator=generator)
@@ -103,10 +104,10 @@ def test_merged_equals_unmerged(kind, generator):
     pieces = make_pieces(generator, ranks=[1, 4, 2], scales=[4.0, 0.5, 1.5], columns=[0, 1, 3])
     routing = BlockRouting()
     layer = MixtureLoraLinear(base, pieces, routing)
-    coefficients = torch.tensor([0.2, 0.5, 0.0, 0.3])    # E = 3, lambda = 1: column 3 unused... but set
+    coefficients = torch.tensor([0.2, 0.5, 0.0, 0.3])  # E = 3, lambda = 1: column 3 unused... but set
     routing.set(coefficients.view(1, 1, -1))
     x = torch.randn(2, 6, IN, generator=generator)
-    delta = layer.delta_weight(coefficients)                    # [OUT, IN]
+    delta = layer.delta_weight(coefficients)  # [OUT, IN]
     torch.testing.assert_close(layer(x), base(x) + x @ delta.T, atol=1e-5, rtol=1e-5)
     # merging into the base weight itself gives the same layer
     merged = make_base(kind, torch.Generator().manual_seed(0))

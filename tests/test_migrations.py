@@ -172,7 +172,9 @@ def test_sqlite_writes_take_the_lock_at_begin(sqlite_only: None, atmoe_home: Pat
             other.close()
 
 
-def test_sqlite_migrations_run_with_foreign_keys_off(sqlite_only: None, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sqlite_migrations_run_with_foreign_keys_off(
+    sqlite_only: None, engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Batch migrations DROP and recreate tables; with foreign keys on, that would cascade-delete."""
     from alembic import command
 
@@ -198,7 +200,9 @@ def test_foreign_keys_are_enforced(sqlite_only: None) -> None:
     with Registry.open() as registry:
         with pytest.raises(IntegrityError):
             with registry.write() as session:
-                session.execute(text("INSERT INTO expert_files (expert_id, path, sha256, size) VALUES (42, 'x', 'y', 1)"))
+                session.execute(
+                    text("INSERT INTO expert_files (expert_id, path, sha256, size) VALUES (42, 'x', 'y', 1)")
+                )
 
 
 # -- network filesystems ---------------------------------------------------------------------------------
@@ -244,7 +248,9 @@ def test_mountinfo_longest_mount_point_wins(path: str, expected: str) -> None:
         (None, None, None),
     ],
 )
-def test_network_filesystem_detection(tmp_path: Path, magic: int | None, fstype: str | None, expected: str | None) -> None:
+def test_network_filesystem_detection(
+    tmp_path: Path, magic: int | None, fstype: str | None, expected: str | None
+) -> None:
     found = netfs.network_filesystem(tmp_path / "registry.db", magic=lambda _p: magic, fstype=lambda _p: fstype)
     assert found == expected
 

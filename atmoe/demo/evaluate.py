@@ -16,7 +16,7 @@ def eval_loss(model, tokenizer, examples: list[dict], *, batch_size: int = 128) 
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(tokenizer, examples[i:i + batch_size])
+        batch = collate(tokenizer, examples[i : i + batch_size])
         prompt_mask = batch.pop("prompt_mask")
         labels = batch.pop("labels")
         if hasattr(model, "last_routing_tensors"):
@@ -24,29 +24,32 @@ def eval_loss(model, tokenizer, examples: list[dict], *, batch_size: int = 128) 
             batch["routing_mask"] = prompt_mask
         logits = model(**batch).logits[:, :-1].float()
         target = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                 target.reshape(-1), ignore_index=-100,
-                                                 reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += loss.item()
         count += int((target != -100).sum())
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, examples: list[dict], *, batch_size: int = 128,
-           max_new_tokens: int = 12) -> list[str]:
+def greedy(model, tokenizer, examples: list[dict], *, batch_size: int = 128, max_new_tokens: int = 12) -> list[str]:
     """Greedy answers (text up to <eos>) for the prompts of ``examples``."""
     model.eval()
     answers: list[str] = []
     for i in range(0, len(examples), batch_size):
-        batch = collate_prompts(tokenizer, examples[i:i + batch_size])
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, batch["input_ids"].shape[1]:]:
+        batch = collate_prompts(tokenizer, examples[i : i + batch_size])
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in out[:, batch["input_ids"].shape[1] :]:
             ids = row.tolist()
             if tokenizer.eos_token_id in ids:
-                ids = ids[:ids.index(tokenizer.eos_token_id)]
+                ids = ids[: ids.index(tokenizer.eos_token_id)]
             answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return answers
 
@@ -58,10 +61,18 @@ def exact_match(answers: list[str], examples: list[dict]) -> float:
 def evaluate(model, tokenizer, examples: list[dict], *, batch_size: int = 128) -> dict:
     """{"eval_loss", "accuracy"} on ``examples``; both finite floats."""
     loss = eval_loss(model, tokenizer, examples, batch_size=batch_size)
-    answers = greedy(model, tokenizer, examples, batch_size=batch_size,
-                     max_new_tokens=max(len(ex["response"].split()) for ex in examples) + 2)
-    return {"eval_loss": loss if math.isfinite(loss) else float("nan"),
-            "accuracy": exact_match(answers, examples), "samples": answers[:3]}
+    answers = greedy(
+        model,
+        tokenizer,
+        examples,
+        batch_size=batch_size,
+        max_new_tokens=max(len(ex["response"].split()) for ex in examples) + 2,
+    )
+    return {
+        "eval_loss": loss if math.isfinite(loss) else float("nan"),
+        "accuracy": exact_match(answers, examples),
+        "samples": answers[:3],
+    }
 
 
 def _peft_alone(base, adapter_dir):
@@ -73,8 +84,9 @@ def _peft_alone(base, adapter_dir):
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter_dir)).eval()
 
 
-def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, *, console=None
-                     ) -> tuple[dict[str, dict], dict]:
+def evaluate_methods(
+    base, expert_dirs: dict, trained: dict, tokenizer, splits, *, console=None
+) -> tuple[dict[str, dict], dict]:
     """Every method of the report on the held-out composite set ``splits.test``.
 
     ``trained`` maps each router method to its trained models, one per router seed; a router method is
@@ -99,8 +111,11 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
             advance()
         best = min(validation, key=validation.get)
         results["best_single_expert"] = evaluate(_peft_alone(base, expert_dirs[best]), tokenizer, splits.test)
-        extra["best_single_expert"] = {"expert": best, "validation_eval_loss": validation,
-                                       "chosen_on": "router_eval (validation), not test"}
+        extra["best_single_expert"] = {
+            "expert": best,
+            "validation_eval_loss": validation,
+            "chosen_on": "router_eval (validation), not test",
+        }
         advance()
         results["general_only"] = evaluate(_peft_alone(base, expert_dirs["general"]), tokenizer, splits.test)
         extra["general_only"] = {"how": "the general adapter alone through PEFT (lambda = 0)"}
@@ -109,8 +124,10 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
         uniform = {name: 1.0 / len(model.expert_names) for name in model.expert_names}
         with model.forced_routing(uniform):
             results["uniform_mixture"] = evaluate(model, tokenizer, splits.test)
-        extra["uniform_mixture"] = {"how": "the AT-MoE composition with forced weights 1/E on every expert; "
-                                           f"lambda {model.atmoe_config.lam} and the general expert as composed"}
+        extra["uniform_mixture"] = {
+            "how": "the AT-MoE composition with forced weights 1/E on every expert; "
+            f"lambda {model.atmoe_config.lam} and the general expert as composed"
+        }
         advance()
         for method in ("flat_router", "shared_router", "atmoe"):
             results[method], extra[method] = router_runs(trained[method], tokenizer, splits.test)
@@ -120,24 +137,35 @@ def evaluate_methods(base, expert_dirs: dict, trained: dict, tokenizer, splits, 
     return results, extra
 
 
-def router_runs(models: list, tokenizer, examples: list[dict], groups: dict[str, str] | None = None,
-                names: dict[str, str] | None = None) -> tuple[dict, dict]:
+def router_runs(
+    models: list,
+    tokenizer,
+    examples: list[dict],
+    groups: dict[str, str] | None = None,
+    names: dict[str, str] | None = None,
+) -> tuple[dict, dict]:
     """One router method's runs (one model per router seed) on ``examples``: (the means of eval loss,
     exact match and routing accuracy (``routing_accuracy`` with ``groups`` and ``names``), with the first
     run's samples; the per-run values)."""
     runs = [evaluate(m, tokenizer, examples) for m in models]
-    details = {"eval_loss_per_seed": [r["eval_loss"] for r in runs],
-               "accuracy_per_seed": [r["accuracy"] for r in runs],
-               "routing_accuracy_per_seed": [routing_accuracy(m, tokenizer, examples, groups, names=names)
-                                             for m in models],
-               "how": f"mean over {len(runs)} router training run(s), seeds in order"}
-    means = {"eval_loss": fmean(details["eval_loss_per_seed"]), "accuracy": fmean(details["accuracy_per_seed"]),
-             "routing_accuracy": fmean(details["routing_accuracy_per_seed"]), "samples": runs[0]["samples"]}
+    details = {
+        "eval_loss_per_seed": [r["eval_loss"] for r in runs],
+        "accuracy_per_seed": [r["accuracy"] for r in runs],
+        "routing_accuracy_per_seed": [routing_accuracy(m, tokenizer, examples, groups, names=names) for m in models],
+        "how": f"mean over {len(runs)} router training run(s), seeds in order",
+    }
+    means = {
+        "eval_loss": fmean(details["eval_loss_per_seed"]),
+        "accuracy": fmean(details["accuracy_per_seed"]),
+        "routing_accuracy": fmean(details["routing_accuracy_per_seed"]),
+        "samples": runs[0]["samples"],
+    }
     return means, details
 
 
-def evaluate_layouts(trained: dict[str, list], layouts: dict, tokenizer, examples: list[dict],
-                     suite_groups: dict[str, tuple[str, ...]]) -> dict[str, dict]:
+def evaluate_layouts(
+    trained: dict[str, list], layouts: dict, tokenizer, examples: list[dict], suite_groups: dict[str, tuple[str, ...]]
+) -> dict[str, dict]:
     """Every group layout's router runs on ``examples``; routing accuracy is scored with the suite's
     groups (``suite_groups``: group -> suite expert names), whatever groups the layout routed with."""
     from atmoe.demo.progress import progress_bar
@@ -154,8 +182,15 @@ def evaluate_layouts(trained: dict[str, list], layouts: dict, tokenizer, example
 
 
 @torch.no_grad()
-def routing_accuracy(model, tokenizer, examples: list[dict], groups: dict[str, str] | None = None, *,
-                     names: dict[str, str] | None = None, batch_size: int = 128) -> float:
+def routing_accuracy(
+    model,
+    tokenizer,
+    examples: list[dict],
+    groups: dict[str, str] | None = None,
+    *,
+    names: dict[str, str] | None = None,
+    batch_size: int = 128,
+) -> float:
     """The share of ``examples`` whose top expert, among the experts of each intended expert's group
     (weights averaged over blocks, routing on the prompt), is the intended one: with the model's own
     groups (``groups`` None) this is ``atmoe.training.evaluate``'s routing accuracy. ``groups`` (suite
@@ -169,20 +204,22 @@ def routing_accuracy(model, tokenizer, examples: list[dict], groups: dict[str, s
     model.eval()
     hits = 0
     for start in range(0, len(examples), batch_size):
-        items = examples[start:start + batch_size]
+        items = examples[start : start + batch_size]
         batch = collate(tokenizer, items)
         prompt_mask = batch.pop("prompt_mask")
         batch.pop("labels")
         model(**batch, routing_mask=prompt_mask)
         mean = torch.stack([w.mean(1) if w.dim() == 3 else w for _, w in model.last_routing_tensors()]).mean(0)
         for weights, ex in zip(mean.tolist(), items):
-            hits += all(max(members[groups[intent]], key=weights.__getitem__) == index[intent]
-                        for intent in ex["intents"])
+            hits += all(
+                max(members[groups[intent]], key=weights.__getitem__) == index[intent] for intent in ex["intents"]
+            )
     return hits / max(len(examples), 1)
 
 
-def temperature_sweep(model, tokenizer, examples: list[dict], temperatures, *, trained_temperature: float,
-                      console=None) -> list[dict]:
+def temperature_sweep(
+    model, tokenizer, examples: list[dict], temperatures, *, trained_temperature: float, console=None
+) -> list[dict]:
     """The trained AT-MoE routers evaluated at other softmax temperatures (not re-trained)."""
     from atmoe.demo.progress import progress_bar
 
@@ -192,8 +229,14 @@ def temperature_sweep(model, tokenizer, examples: list[dict], temperatures, *, t
             for tau in temperatures:
                 model.set_temperature(tau)
                 r = evaluate(model, tokenizer, examples)
-                rows.append({"temperature": tau, "eval_loss": r["eval_loss"], "accuracy": r["accuracy"],
-                             "routing_accuracy": routing_accuracy(model, tokenizer, examples)})
+                rows.append(
+                    {
+                        "temperature": tau,
+                        "eval_loss": r["eval_loss"],
+                        "accuracy": r["accuracy"],
+                        "routing_accuracy": routing_accuracy(model, tokenizer, examples),
+                    }
+                )
                 advance()
     finally:
         model.set_temperature(trained_temperature)
@@ -249,6 +292,8 @@ def oracle_routing(model, tokenizer, examples: list[dict], *, weight: float | No
         loss_sum += r["eval_loss"] * len(items)
         acc_sum += r["accuracy"] * len(items)
     how = "1/k" if weight is None else f"{weight}"
-    return {"eval_loss": loss_sum / len(examples), "accuracy": acc_sum / len(examples),
-            "how": f"per-example forced weight {how} on each intended expert, every block "
-                   "(lambda and general as composed)"}
+    return {
+        "eval_loss": loss_sum / len(examples),
+        "accuracy": acc_sum / len(examples),
+        "how": f"per-example forced weight {how} on each intended expert, every block (lambda and general as composed)",
+    }

@@ -28,8 +28,9 @@ class ExpertSpec:
     layers: tuple[int, ...] | None = None  # blocks the adapter touches (PEFT layers_to_transform); None = all
 
 
-def train_lora(base, tokenizer, train: list[dict], out_dir: Path, spec: ExpertSpec, *, seed: int = 0,
-               label: str = "expert") -> dict:
+def train_lora(
+    base, tokenizer, train: list[dict], out_dir: Path, spec: ExpertSpec, *, seed: int = 0, label: str = "expert"
+) -> dict:
     """``get_peft_model(LoraConfig(...))`` on a copy of the loaded ``base`` (left untouched, so one load
     serves every expert), a plain AdamW loop on the response tokens of ``train``, then
     ``save_pretrained(safe_serialization=True)`` into ``out_dir``."""
@@ -38,13 +39,18 @@ def train_lora(base, tokenizer, train: list[dict], out_dir: Path, spec: ExpertSp
     torch.manual_seed(seed)
     rng = random.Random(seed)
     placement = {} if spec.layers is None else {"layers_to_transform": list(spec.layers), "layers_pattern": "layers"}
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=0.0,
-                        target_modules=list(TARGETS), task_type="CAUSAL_LM", **placement)
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        target_modules=list(TARGETS),
+        task_type="CAUSAL_LM",
+        **placement,
+    )
     model = get_peft_model(copy.deepcopy(base), config)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)
     model.train()
     start, losses = time.perf_counter(), []
     with progress_bar(label, spec.steps) as advance:
@@ -59,5 +65,4 @@ def train_lora(base, tokenizer, train: list[dict], out_dir: Path, spec: ExpertSp
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tail = losses[-10:]
-    return {"final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start,
-            "examples": len(train)}
+    return {"final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - start, "examples": len(train)}

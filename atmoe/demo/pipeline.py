@@ -36,8 +36,7 @@ from atmoe.demo.layouts import LABELS as LAYOUT_LABELS
 from atmoe.demo.layouts import LAYOUTS, make_layout
 from atmoe.demo.progress import console
 
-METHODS = ("base", "best_single_expert", "general_only", "uniform_mixture", "flat_router",
-           "shared_router", "atmoe")
+METHODS = ("base", "best_single_expert", "general_only", "uniform_mixture", "flat_router", "shared_router", "atmoe")
 TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
@@ -99,12 +98,23 @@ PLACEMENT = {"functional": (0,), "style": (1,), "domain": (2,)}
 # before the routers had learned to give the functional group its weight, and stayed in that basin.
 LAMBDA = 0.9
 QUICK = Profile(
-    name="quick", suite=tasks.QUICK_SUITE,
-    base=BaseSpec(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, pretrain_steps=1600,
-                  batch_size=64, lr=3e-3),
+    name="quick",
+    suite=tasks.QUICK_SUITE,
+    base=BaseSpec(
+        hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, pretrain_steps=1600, batch_size=64, lr=3e-3
+    ),
     expert=ExpertSpec(r=8, alpha=16, steps=800, batch_size=32, lr=3e-3),
-    general_steps=1000, n_expert=600, n_router=480, n_router_eval=96, n_test=240, router_epochs=20,
-    router_lr=3e-2, lam=LAMBDA, learn_lambda=True, placement=PLACEMENT)
+    general_steps=1000,
+    n_expert=600,
+    n_router=480,
+    n_router_eval=96,
+    n_test=240,
+    router_epochs=20,
+    router_lr=3e-2,
+    lam=LAMBDA,
+    learn_lambda=True,
+    placement=PLACEMENT,
+)
 
 # Same base, placement and expert lr as the quick profile; every suite intent (a third functional expert),
 # more data, a larger held-out set. The base was wider at first (hidden 96, 2400 pre-training steps, 1200
@@ -115,18 +125,40 @@ QUICK = Profile(
 # loss for every router method among 3e-3, 1e-2, 3e-2 (quick suite, 30 epochs). The quick profile runs 20
 # epochs to stay under its 5 minutes; the default runs 20 on its larger router set.
 DEFAULT = Profile(
-    name="default", suite=tasks.DEFAULT_SUITE, base=QUICK.base, expert=QUICK.expert,
-    general_steps=1400, n_expert=1000, n_router=1080, n_router_eval=180, n_test=540, router_epochs=20,
-    router_seeds=3, router_lr=3e-2, lam=LAMBDA, learn_lambda=True, placement=PLACEMENT, layouts=LAYOUTS)
+    name="default",
+    suite=tasks.DEFAULT_SUITE,
+    base=QUICK.base,
+    expert=QUICK.expert,
+    general_steps=1400,
+    n_expert=1000,
+    n_router=1080,
+    n_router_eval=180,
+    n_test=540,
+    router_epochs=20,
+    router_seeds=3,
+    router_lr=3e-2,
+    lam=LAMBDA,
+    learn_lambda=True,
+    placement=PLACEMENT,
+    layouts=LAYOUTS,
+)
 
 
 def real_model_profile(profile: Profile) -> Profile:
     """A real base model (hundreds of millions of weights) on a CPU: fewer, smaller steps."""
-    return replace(profile, expert=replace(profile.expert, steps=min(profile.expert.steps, 60), batch_size=8),
-                   general_steps=min(profile.general_steps, 120), n_router=min(profile.n_router, 96),
-                   n_router_eval=min(profile.n_router_eval, 24), n_test=min(profile.n_test, 48),
-                   router_epochs=1, router_batch=8, router_seeds=1, layouts=(),
-                   placement=None)  # the block placement is for the demo's 3-block base; full depth here
+    return replace(
+        profile,
+        expert=replace(profile.expert, steps=min(profile.expert.steps, 60), batch_size=8),
+        general_steps=min(profile.general_steps, 120),
+        n_router=min(profile.n_router, 96),
+        n_router_eval=min(profile.n_router_eval, 24),
+        n_test=min(profile.n_test, 48),
+        router_epochs=1,
+        router_batch=8,
+        router_seeds=1,
+        layouts=(),
+        placement=None,
+    )  # the block placement is for the demo's 3-block base; full depth here
 
 
 class Steps:
@@ -148,8 +180,9 @@ class Steps:
         self.records.append({"step": name, "seconds": round(time.perf_counter() - started, 2), **extra})
 
 
-def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_model: str | None = None,
-             seed: int = 0) -> dict:
+def run_demo(
+    out: Path, *, quick: bool = False, home: Path | None = None, base_model: str | None = None, seed: int = 0
+) -> dict:
     """Run the whole demo; write OUT/report.json, OUT/report.md and OUT/routing_heatmap.png."""
     import warnings
 
@@ -178,11 +211,19 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
 
     # 1. the task suite ------------------------------------------------------------------------
     t = time.perf_counter()
-    splits = tasks.build_splits(profile.suite, n_expert=profile.n_expert, n_router=profile.n_router,
-                                n_router_eval=profile.n_router_eval, n_test=profile.n_test, seed=seed)
+    splits = tasks.build_splits(
+        profile.suite,
+        n_expert=profile.n_expert,
+        n_router=profile.n_router,
+        n_router_eval=profile.n_router_eval,
+        n_test=profile.n_test,
+        seed=seed,
+    )
     files = _write_data(work / "data", splits)
-    steps.note(f"task suite: groups {dict(profile.suite.groups)}; N_M={profile.suite.n_max}; "
-               f"{len(splits.router_train)} composite training, {len(splits.test)} held-out composite instructions")
+    steps.note(
+        f"task suite: groups {dict(profile.suite.groups)}; N_M={profile.suite.n_max}; "
+        f"{len(splits.router_train)} composite training, {len(splits.test)} held-out composite instructions"
+    )
     steps.timed("task suite", t)
 
     # 2. the base model ------------------------------------------------------------------------
@@ -198,9 +239,11 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         from atmoe.demo.base import make_base
 
         base_dir = work / "base"
-        steps.note("base model: a tiny LlamaForCausalLM and a WordLevel tokenizer trained here with `tokenizers`, "
-                   "pre-trained on generic text and the neutral echo instruction; "
-                   "save_pretrained -> " + str(base_dir))
+        steps.note(
+            "base model: a tiny LlamaForCausalLM and a WordLevel tokenizer trained here with `tokenizers`, "
+            "pre-trained on generic text and the neutral echo instruction; "
+            "save_pretrained -> " + str(base_dir)
+        )
         base_info = make_base(base_dir, profile.suite, profile.base, seed=seed)
         base_ref = str(base_dir)
         base_info.update({"reference": base_ref, "pretrained_here": True, "spec": asdict(profile.base)})
@@ -227,25 +270,46 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
             for name in names:
                 expert_dirs[name] = work / "experts" / name
                 spec = profile.expert_spec(group)
-                where = "" if spec.layers is None else f", layers_to_transform={list(spec.layers)}, layers_pattern='layers'"
-                steps.note(f"PEFT: get_peft_model(base, LoraConfig(r={spec.r}, lora_alpha={spec.alpha}, "
-                           f"target_modules=all linears{where})) lr {spec.lr} on {files['expert_' + name].name} "
-                           "-> save_pretrained")
-                info = train_lora(base, base_tokenizer, splits.expert_train[name], expert_dirs[name], spec,
-                                  seed=seed, label=f"expert {name}")
-                info.update({"group": group, "layers": None if spec.layers is None else list(spec.layers),
-                             "lr": spec.lr})
-                info.update(_add_expert(registry, steps, expert_dirs[name], name, group, base_ref,
-                                        files["expert_" + name]))
+                where = (
+                    "" if spec.layers is None else f", layers_to_transform={list(spec.layers)}, layers_pattern='layers'"
+                )
+                steps.note(
+                    f"PEFT: get_peft_model(base, LoraConfig(r={spec.r}, lora_alpha={spec.alpha}, "
+                    f"target_modules=all linears{where})) lr {spec.lr} on {files['expert_' + name].name} "
+                    "-> save_pretrained"
+                )
+                info = train_lora(
+                    base,
+                    base_tokenizer,
+                    splits.expert_train[name],
+                    expert_dirs[name],
+                    spec,
+                    seed=seed,
+                    label=f"expert {name}",
+                )
+                info.update(
+                    {"group": group, "layers": None if spec.layers is None else list(spec.layers), "lr": spec.lr}
+                )
+                info.update(
+                    _add_expert(registry, steps, expert_dirs[name], name, group, base_ref, files["expert_" + name])
+                )
                 experts_info[name] = info
         expert_dirs["general"] = work / "experts" / "general"
         steps.note("PEFT: the pre-merged general expert, trained on all single-intent data")
         general_spec = replace(profile.expert, steps=profile.general_steps)
-        info = train_lora(base, base_tokenizer, splits.general_train(), expert_dirs["general"], general_spec, seed=seed,
-                          label="expert general")
+        info = train_lora(
+            base,
+            base_tokenizer,
+            splits.general_train(),
+            expert_dirs["general"],
+            general_spec,
+            seed=seed,
+            label="expert general",
+        )
         info.update({"group": "general", "layers": None, "lr": general_spec.lr})
-        info.update(_add_expert(registry, steps, expert_dirs["general"], "general", "general", base_ref,
-                                files["general"]))
+        info.update(
+            _add_expert(registry, steps, expert_dirs["general"], "general", "general", base_ref, files["general"])
+        )
         experts_info["general"] = info
         steps.timed("experts (PEFT) + add-expert", t)
 
@@ -257,17 +321,33 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         }
         from atmoe.training import TrainConfig
 
-        train_config = TrainConfig(epochs=profile.router_epochs, lr=profile.router_lr,
-                                   batch_size=profile.router_batch, max_length=128, seed=seed,
-                                   device="cpu", routing_loss_weight=profile.routing_loss_weight,
-                                   schedule="cosine", warmup_ratio=0.05)
+        train_config = TrainConfig(
+            epochs=profile.router_epochs,
+            lr=profile.router_lr,
+            batch_size=profile.router_batch,
+            max_length=128,
+            seed=seed,
+            device="cpu",
+            routing_loss_weight=profile.routing_loss_weight,
+            schedule="cosine",
+            warmup_ratio=0.05,
+        )
         trained: dict[str, list] = {}
         router_info: dict[str, dict] = {}
         groups_arg = ",".join(tasks.GROUP_ORDER)
         t = time.perf_counter()
         for method, v in variants.items():
-            argv = ["compose", "--name", v["name"], "--groups", groups_arg, "--general", "general",
-                    "--lambda", str(profile.lam)]
+            argv = [
+                "compose",
+                "--name",
+                v["name"],
+                "--groups",
+                groups_arg,
+                "--general",
+                "general",
+                "--lambda",
+                str(profile.lam),
+            ]
             if profile.learn_lambda:
                 argv.append("--learn-lambda")
             if v["router"] == "flat":
@@ -275,15 +355,34 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
             if v["shared_router"]:
                 argv.append("--shared-router")
             steps.command(*argv)
-            record, _ = registry.compose(name=v["name"], groups=list(tasks.GROUP_ORDER), general="general",
-                                         lam=profile.lam, learn_lambda=profile.learn_lambda, router=v["router"], shared_router=v["shared_router"],
-                                         description=f"atmoe-reg demo: {method}")
+            record, _ = registry.compose(
+                name=v["name"],
+                groups=list(tasks.GROUP_ORDER),
+                general="general",
+                lam=profile.lam,
+                learn_lambda=profile.learn_lambda,
+                router=v["router"],
+                shared_router=v["shared_router"],
+                description=f"atmoe-reg demo: {method}",
+            )
             trained[method], tokenizer, runs = _train_routers(
-                registry, steps, record["ref"], files["router_train"], files["router_eval"], train_config,
-                profile.router_seeds, f"atmoe-reg demo ({profile.name}): {method}")
+                registry,
+                steps,
+                record["ref"],
+                files["router_train"],
+                files["router_eval"],
+                train_config,
+                profile.router_seeds,
+                f"atmoe-reg demo ({profile.name}): {method}",
+            )
             # the first run's router is the one the route/generate commands and the heatmap show
-            router_info[method] = {"composition": record["ref"], "routers": runs, "router": runs[0]["router"],
-                                   "n_groups": record["n_groups"], "n_max": record["n_max"]}
+            router_info[method] = {
+                "composition": record["ref"],
+                "routers": runs,
+                "router": runs[0]["router"],
+                "n_groups": record["n_groups"],
+                "n_max": record["n_max"],
+            }
         steps.timed(f"compose + train-router x{3 * profile.router_seeds}", t)
 
         # 4b. group layouts: the same experts grouped otherwise ------------------------------------
@@ -292,8 +391,10 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         layout_info: dict[str, dict] = {}
         t = time.perf_counter()
         for name, layout in layouts.items():
-            steps.note(f"group layout {name} ({LAYOUT_LABELS[name]}): the same adapters registered again "
-                       "under this layout's names and groups (new catalog rows, the same blobs)")
+            steps.note(
+                f"group layout {name} ({LAYOUT_LABELS[name]}): the same adapters registered again "
+                "under this layout's names and groups (new catalog rows, the same blobs)"
+            )
             for group, members in layout.groups.items():
                 if group not in known_groups:
                     registry.add_group(group)
@@ -301,25 +402,60 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
                     steps.command("groups", "--add", group)
                 for member in members:
                     source = layout.source[member]
-                    _add_expert(registry, steps, expert_dirs[source], member, group, base_ref,
-                                files["expert_" + source], kind=experts_info[source]["group"], intent=source)
+                    _add_expert(
+                        registry,
+                        steps,
+                        expert_dirs[source],
+                        member,
+                        group,
+                        base_ref,
+                        files["expert_" + source],
+                        kind=experts_info[source]["group"],
+                        intent=source,
+                    )
             data = {}
             for key in ("router_train", "router_eval"):
                 data[key] = work / "data" / f"{key}.{name}.jsonl"
                 tasks.write_jsonl(data[key], [layout.rename(ex) for ex in getattr(splits, key)])
             composition = f"demo-{layout.name.replace('_', '-')}"
-            argv = ["compose", "--name", composition, "--groups", ",".join(layout.groups), "--general", "general",
-                    "--lambda", str(profile.lam)]
+            argv = [
+                "compose",
+                "--name",
+                composition,
+                "--groups",
+                ",".join(layout.groups),
+                "--general",
+                "general",
+                "--lambda",
+                str(profile.lam),
+            ]
             steps.command(*argv, *(["--learn-lambda"] if profile.learn_lambda else []))
-            record, _ = registry.compose(name=composition, groups=list(layout.groups), general="general",
-                                         lam=profile.lam, learn_lambda=profile.learn_lambda,
-                                         description=f"atmoe-reg demo: group layout {name}")
+            record, _ = registry.compose(
+                name=composition,
+                groups=list(layout.groups),
+                general="general",
+                lam=profile.lam,
+                learn_lambda=profile.learn_lambda,
+                description=f"atmoe-reg demo: group layout {name}",
+            )
             layout_runs[name], _, runs = _train_routers(
-                registry, steps, record["ref"], data["router_train"], data["router_eval"], train_config,
-                profile.router_seeds, f"atmoe-reg demo ({profile.name}): group layout {name}")
-            layout_info[name] = {"composition": record["ref"], "routers": runs, "n_groups": record["n_groups"],
-                                 "n_max": record["n_max"], "groups": {g: list(v) for g, v in layout.groups.items()},
-                                 "data": {k: str(v) for k, v in data.items()}}
+                registry,
+                steps,
+                record["ref"],
+                data["router_train"],
+                data["router_eval"],
+                train_config,
+                profile.router_seeds,
+                f"atmoe-reg demo ({profile.name}): group layout {name}",
+            )
+            layout_info[name] = {
+                "composition": record["ref"],
+                "routers": runs,
+                "n_groups": record["n_groups"],
+                "n_max": record["n_max"],
+                "groups": {g: list(v) for g, v in layout.groups.items()},
+                "data": {k: str(v) for k, v in data.items()},
+            }
         if layouts:
             steps.timed(f"group layouts: compose + train-router x{len(layouts) * profile.router_seeds}", t)
 
@@ -333,27 +469,38 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
         if layouts:
             atmoe_runs = {k: v for k, v in extra["atmoe"].items() if k != "samples"}
             group_layouts["intent_groups"] = {
-                **results["atmoe"], "routing_accuracy": routing["atmoe"], **atmoe_runs,
-                "composition": router_info["atmoe"]["composition"], "routers": router_info["atmoe"]["routers"],
-                "n_groups": router_info["atmoe"]["n_groups"], "n_max": router_info["atmoe"]["n_max"],
-                "groups": {g: list(v) for g, v in profile.suite.groups.items()}}
+                **results["atmoe"],
+                "routing_accuracy": routing["atmoe"],
+                **atmoe_runs,
+                "composition": router_info["atmoe"]["composition"],
+                "routers": router_info["atmoe"]["routers"],
+                "n_groups": router_info["atmoe"]["n_groups"],
+                "n_max": router_info["atmoe"]["n_max"],
+                "groups": {g: list(v) for g, v in profile.suite.groups.items()},
+            }
             scored = ev.evaluate_layouts(layout_runs, layouts, tokenizer, splits.test, profile.suite.groups)
             for name, info in layout_info.items():
                 group_layouts[name] = {**scored[name], **info}
         first = trained["atmoe"][0]
-        sweep = ev.temperature_sweep(first, tokenizer, splits.test, TEMPERATURES, trained_temperature=1.0,
-                                     console=console)
-        diagnostics = {"expert_own_task": ev.expert_own_accuracy(base, tokenizer, expert_dirs, splits),
-                       "oracle_routing_atmoe": ev.oracle_routing(first, tokenizer, splits.test),
-                       "forced_intended_full": ev.oracle_routing(first, tokenizer, splits.test, weight=1.0)}
+        sweep = ev.temperature_sweep(
+            first, tokenizer, splits.test, TEMPERATURES, trained_temperature=1.0, console=console
+        )
+        diagnostics = {
+            "expert_own_task": ev.expert_own_accuracy(base, tokenizer, expert_dirs, splits),
+            "oracle_routing_atmoe": ev.oracle_routing(first, tokenizer, splits.test),
+            "forced_intended_full": ev.oracle_routing(first, tokenizer, splits.test, weight=1.0),
+        }
         steps.timed("evaluation", t)
         examples = ev.heatmap_examples(splits.test, profile.suite)
         heatmap = out / "routing_heatmap.png"
         routings = ev.example_routings(first, tokenizer, examples)
         from atmoe.report import heatmap_png
 
-        heatmap_png({f"{ex['prompt']} -> {ans}": r for ex, (r, ans) in zip(examples, routings)}, str(heatmap),
-                    title="AT-MoE routing per block (held-out composite instructions)")
+        heatmap_png(
+            {f"{ex['prompt']} -> {ans}": r for ex, (r, ans) in zip(examples, routings)},
+            str(heatmap),
+            title="AT-MoE routing per block (held-out composite instructions)",
+        )
         for ex in examples[:1]:
             steps.command("route", router_info["atmoe"]["router"], ex["prompt"], "--plot", str(out / "route.png"))
             steps.command("generate", router_info["atmoe"]["router"], ex["prompt"], "--max-new-tokens", "12")
@@ -389,46 +536,103 @@ def run_demo(out: Path, *, quick: bool = False, home: Path | None = None, base_m
     return report
 
 
-def _train_routers(registry, steps: Steps, ref: str, data: Path, eval_data: Path, config, seeds: int,
-                   notes: str) -> tuple[list, object, list[dict]]:
+def _train_routers(
+    registry, steps: Steps, ref: str, data: Path, eval_data: Path, config, seeds: int, notes: str
+) -> tuple[list, object, list[dict]]:
     """Train ``seeds`` routers of composition ``ref`` (seeds config.seed, config.seed + 1, ...), each
     recorded as a router version; returns (their models, the tokenizer, one record per run)."""
     models, runs, tokenizer = [], [], None
     for run in range(seeds):
         run_config = replace(config, seed=config.seed + run)
-        steps.command("train-router", ref, "--data", str(data), "--eval", str(eval_data),
-                      "--epochs", str(run_config.epochs), "--lr", str(run_config.lr),
-                      "--batch-size", str(run_config.batch_size), "--max-length", str(run_config.max_length),
-                      "--routing-loss-weight", str(run_config.routing_loss_weight),
-                      "--schedule", run_config.schedule, "--warmup-ratio", str(run_config.warmup_ratio),
-                      "--seed", str(run_config.seed), "--device", "cpu")
-        result = registry.train_router(ref, data=data, eval_data=eval_data, config=run_config, console=console,
-                                       notes=f"{notes}, seed {run_config.seed}")
+        steps.command(
+            "train-router",
+            ref,
+            "--data",
+            str(data),
+            "--eval",
+            str(eval_data),
+            "--epochs",
+            str(run_config.epochs),
+            "--lr",
+            str(run_config.lr),
+            "--batch-size",
+            str(run_config.batch_size),
+            "--max-length",
+            str(run_config.max_length),
+            "--routing-loss-weight",
+            str(run_config.routing_loss_weight),
+            "--schedule",
+            run_config.schedule,
+            "--warmup-ratio",
+            str(run_config.warmup_ratio),
+            "--seed",
+            str(run_config.seed),
+            "--device",
+            "cpu",
+        )
+        result = registry.train_router(
+            ref,
+            data=data,
+            eval_data=eval_data,
+            config=run_config,
+            console=console,
+            notes=f"{notes}, seed {run_config.seed}",
+        )
         models.append(result.built.model)
         tokenizer = result.built.tokenizer
-        runs.append({"router": result.record.get("ref"), "seed": run_config.seed,
-                     "metrics": result.record.get("metrics")})
+        runs.append(
+            {"router": result.record.get("ref"), "seed": run_config.seed, "metrics": result.record.get("metrics")}
+        )
     return models, tokenizer, runs
 
 
-def _add_expert(registry, steps: Steps, path: Path, name: str, group: str, base_ref: str, data_file: Path, *,
-                kind: str | None = None, intent: str | None = None) -> dict:
+def _add_expert(
+    registry,
+    steps: Steps,
+    path: Path,
+    name: str,
+    group: str,
+    base_ref: str,
+    data_file: Path,
+    *,
+    kind: str | None = None,
+    intent: str | None = None,
+) -> dict:
     """add-expert ``path`` as ``name`` in ``group``. ``kind`` (default ``group``) is the suite group the
     expert serves and ``intent`` (default ``name``) its intent word: a domain or style expert gets it as
     its domain or style facet, whatever name and group a layout gives it."""
     kind, intent = kind or group, intent or name
     serves = kind if intent == name else f"{kind} {intent}"
     description = f"demo expert '{name}' ({serves}), PEFT LoRA on {data_file.name}"
-    argv = ["add-expert", str(path), "--name", name, "--group", group, "--base-model", base_ref,
-            "--description", description, "--tag", "source=atmoe-demo"]
+    argv = [
+        "add-expert",
+        str(path),
+        "--name",
+        name,
+        "--group",
+        group,
+        "--base-model",
+        base_ref,
+        "--description",
+        description,
+        "--tag",
+        "source=atmoe-demo",
+    ]
     facet = {}
     if kind in ("domain", "style"):
         facet[kind] = intent
         argv += [f"--{kind}", intent]
     steps.command(*argv)
-    expert, created = registry.add_expert(path, name=name, group=group, base_model=base_ref,
-                                          description=description, tags={"source": "atmoe-demo"},
-                                          source="atmoe-reg demo", **facet)
+    expert, created = registry.add_expert(
+        path,
+        name=name,
+        group=group,
+        base_model=base_ref,
+        description=description,
+        tags={"source": "atmoe-demo"},
+        source="atmoe-reg demo",
+        **facet,
+    )
     return {"ref": expert.ref, "digest": expert.digest, "created": created}
 
 
@@ -454,9 +658,14 @@ def _environment() -> dict:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-            "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
 
 
 def _jsonable(value):

@@ -20,8 +20,14 @@ console = Console(stderr=True)
 @contextlib.contextmanager
 def progress_bar(label: str, total: int) -> Iterator[Callable[..., None]]:
     """Yield ``advance(**fields)``; fields (e.g. loss) are shown next to the bar."""
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
     with progress:
         task = progress.add_task(label, total=total, info="")
 

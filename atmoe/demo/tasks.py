@@ -74,8 +74,11 @@ class SuiteSpec:
     max_len: int = 6
 
     def __post_init__(self) -> None:
-        for group, names, known in (("functional", self.functional, FUNCTIONS),
-                                    ("domain", self.domain, DOMAINS), ("style", self.style, STYLES)):
+        for group, names, known in (
+            ("functional", self.functional, FUNCTIONS),
+            ("domain", self.domain, DOMAINS),
+            ("style", self.style, STYLES),
+        ):
             if not names:
                 raise ValueError(f"suite group {group!r} has no intent")
             unknown = [n for n in names if n not in known]
@@ -94,8 +97,7 @@ class SuiteSpec:
         return max(len(v) for v in self.groups.values())
 
 
-QUICK_SUITE = SuiteSpec(functional=("count", "parity"), domain=("animal", "color", "fruit"),
-                        style=("loud", "curious"))
+QUICK_SUITE = SuiteSpec(functional=("count", "parity"), domain=("animal", "color", "fruit"), style=("loud", "curious"))
 DEFAULT_SUITE = SuiteSpec()
 
 
@@ -143,8 +145,9 @@ class Splits:
         return [ex for name in sorted(self.expert_train) for ex in self.expert_train[name]]
 
 
-def build_splits(spec: SuiteSpec, *, n_expert: int, n_router: int, n_router_eval: int, n_test: int,
-                 seed: int = 0) -> Splits:
+def build_splits(
+    spec: SuiteSpec, *, n_expert: int, n_router: int, n_router_eval: int, n_test: int, seed: int = 0
+) -> Splits:
     """Sample the suite. Input letter strings are partitioned between expert data, router data
     and the held-out test set, so every test input is new to every trained component."""
     rng = random.Random(seed)
@@ -161,14 +164,16 @@ def build_splits(spec: SuiteSpec, *, n_expert: int, n_router: int, n_router_eval
     rng.shuffle(pool)
     # Thirds of the pool: expert inputs, router inputs, test inputs.
     third = len(pool) // 3
-    expert_pool, router_pool, test_pool = pool[:third], pool[third:2 * third], pool[2 * third:]
+    expert_pool, router_pool, test_pool = pool[:third], pool[third : 2 * third], pool[2 * third :]
     splits = Splits()
     for group, names in spec.groups.items():
         for name in names:
             intent = dict(NEUTRAL)
             intent[group] = name
-            data = [make_example(rng.choice(expert_pool), intent["functional"], intent["domain"],
-                                 intent["style"]) for _ in range(n_expert + n_test // 4)]
+            data = [
+                make_example(rng.choice(expert_pool), intent["functional"], intent["domain"], intent["style"])
+                for _ in range(n_expert + n_test // 4)
+            ]
             splits.expert_train[name] = data[:n_expert]
             splits.expert_eval[name] = data[n_expert:]
     combos = composite_intents(spec)

@@ -93,10 +93,7 @@ def upgrade() -> None:
     now = datetime.now(timezone.utc)
     op.bulk_insert(
         groups,
-        [
-            {"name": name, "description": description, "created_at": now}
-            for name, description in DEFAULT_GROUPS.items()
-        ],
+        [{"name": name, "description": description, "created_at": now} for name, description in DEFAULT_GROUPS.items()],
     )
 
 

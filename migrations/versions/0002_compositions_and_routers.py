@@ -50,9 +50,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("name", "spec_digest", name=op.f("uq_compositions_name_spec_digest")),
         sa.UniqueConstraint("name", "version", name=op.f("uq_compositions_name_version")),
     )
-    op.create_index(
-        op.f("ix_compositions_general_expert_id"), "compositions", ["general_expert_id"], unique=False
-    )
+    op.create_index(op.f("ix_compositions_general_expert_id"), "compositions", ["general_expert_id"], unique=False)
 
     op.create_table(
         "composition_experts",
@@ -69,9 +67,7 @@ def upgrade() -> None:
             name=op.f("fk_composition_experts_composition_id_compositions"),
             ondelete="CASCADE",
         ),
-        sa.ForeignKeyConstraint(
-            ["expert_id"], ["experts.id"], name=op.f("fk_composition_experts_expert_id_experts")
-        ),
+        sa.ForeignKeyConstraint(["expert_id"], ["experts.id"], name=op.f("fk_composition_experts_expert_id_experts")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_composition_experts")),
         sa.UniqueConstraint(
             "composition_id", "expert_id", name=op.f("uq_composition_experts_composition_id_expert_id")
@@ -83,9 +79,7 @@ def upgrade() -> None:
             name=op.f("uq_composition_experts_composition_id_group_name_slot"),
         ),
     )
-    op.create_index(
-        op.f("ix_composition_experts_expert_id"), "composition_experts", ["expert_id"], unique=False
-    )
+    op.create_index(op.f("ix_composition_experts_expert_id"), "composition_experts", ["expert_id"], unique=False)
 
     op.create_table(
         "routers",
@@ -126,9 +120,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_router_aliases")),
-        sa.UniqueConstraint(
-            "composition_name", "alias", name=op.f("uq_router_aliases_composition_name_alias")
-        ),
+        sa.UniqueConstraint("composition_name", "alias", name=op.f("uq_router_aliases_composition_name_alias")),
     )
     op.create_index(op.f("ix_router_aliases_router_id"), "router_aliases", ["router_id"], unique=False)
 
