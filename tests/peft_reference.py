@@ -57,7 +57,7 @@ def peft_layerwise_mixture(base, dirs, weights):
             out = base_out
             for name, weight in weights.items():
                 if name in _module.lora_A or name in _module.lora_embedding_A:
-                    _module._active_adapter = [name]
+                    _module.set_adapter(name)
                     out = out + weight * (_single(x, *args, **kwargs) - base_out)
             return out
 

@@ -147,11 +147,12 @@ def test_outside_modules_take_the_nearest_blocks_routing(bases, adapter_dirs):
     llama = compose(bases["llama"], adapter_dirs["llama"], "embed")
     inner = llama.base_model
     assert isinstance(inner.model.embed_tokens, MixtureLoraEmbedding)
-    assert inner.model.embed_tokens.routing is llama._routings[0]  # the first block
-    assert isinstance(inner.lm_head, MixtureLoraLinear) and inner.lm_head.routing is llama._routings[-1]
+    assert inner.model.embed_tokens.routing is inner.model.layers[0].self_attn.q_proj.routing  # the first block
+    assert isinstance(inner.lm_head, MixtureLoraLinear)
+    assert inner.lm_head.routing is inner.model.layers[-1].self_attn.q_proj.routing  # the last block
     bert = compose(bases["bert"], adapter_dirs["bert"], "pooler")
     assert isinstance(bert.base_model.pooler.dense, MixtureLoraLinear)
-    assert bert.base_model.pooler.dense.routing is bert._routings[bert.block_paths.index("encoder.layer.1")]
+    assert bert.base_model.pooler.dense.routing is bert.base_model.encoder.layer[1].attention.self.query.routing
 
 
 @torch.no_grad()

@@ -105,9 +105,10 @@ def test_modules_outside_blocks_take_their_nearest_blocks_routing(llama):
     model = build_atmoe(copy.deepcopy(llama), {"g": {"head": head}})
     assert model.block_paths == ["model.layers.1"]
     assert isinstance(model.base_model.lm_head, MixtureLoraLinear)
-    assert model.base_model.lm_head.routing is model._routings[0]
     model(input_ids=IDS)
     assert model.last_routing()[0]["experts"] == {"head": 1.0}
+    coefficients = model.base_model.lm_head.routing.coefficients  # [B, 1, E + 1]: the last block's
+    assert coefficients.shape == (2, 1, 2) and coefficients[..., 0].eq(1.0).all()
 
 
 def test_building_twice_on_the_same_base_is_refused(llama, experts):
@@ -163,8 +164,7 @@ def test_forced_routing_validation_and_restore(llama, experts):
         model(input_ids=IDS)
         assert model.last_routing()[0]["experts"] == {"diagnosis": 0.0, "prescribe": 0.0, "gastro": 2.0}
         assert model.last_routing()[0]["groups"] == {"functional": 0.0, "domain": 2.0}
-    assert model._forced is None
-    model(input_ids=IDS)
+    model(input_ids=IDS)  # after the block: the routers route again
     assert model.last_routing()[0]["experts"]["gastro"] == pytest.approx(0.5)
 
 
@@ -330,7 +330,8 @@ def test_deepcopy_routes_the_copy(llama, experts):
             param.normal_(generator=torch.Generator().manual_seed(2))
     twin(input_ids=IDS)
     model(input_ids=IDS[:1])
-    assert len(twin._last[0][1]) == 2 and len(model._last[0][1]) == 1  # each routes its own input
+    # each routes its own input
+    assert len(twin.last_routing_tensors()[0][1]) == 2 and len(model.last_routing_tensors()[0][1]) == 1
     assert twin.last_routing() != model.last_routing()
 
 
