@@ -180,7 +180,7 @@ def remove(ref: str, force: bool) -> None:
 @json_option
 def groups(add_name: str | None, description: str | None, as_json: bool) -> None:
     """List groups, or add one with --add NAME."""
-    from atmoe.registry.experts import group_summaries
+    from atmoe.registry.groups import group_summaries
 
     registry = get_registry()
     if description is not None and add_name is None:

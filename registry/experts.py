@@ -1,4 +1,5 @@
-"""Expert services: add, list, show, remove, verify; groups; garbage collection of the store.
+"""Expert services: add, list, show, remove (groups are in ``groups.py``; verify and gc of the store,
+which concern every blob, in ``integrity.py``).
 
 Every function takes the ``Registry`` (for its sessions and store) or a ``Session``; the
 ``Registry`` facade and the CLI are thin layers over these.
@@ -9,19 +10,18 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, Text, cast, delete, func, or_, select
+from sqlalchemy import Select, Text, cast, delete, or_, select
 from sqlalchemy.orm import Session, lazyload, selectinload
 
-from atmoe.errors import ChecksumMismatch, ExpertNotFound, GroupNotFound, InUse, InvalidAdapter, UsageError
+from atmoe.errors import ExpertNotFound, InUse, InvalidAdapter, UsageError
 from atmoe.registry.db import next_value
-from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertFile, Group, Router
+from atmoe.registry.groups import get_group
+from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertFile, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
 
 if TYPE_CHECKING:
@@ -93,14 +93,6 @@ def _check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
 
 def _label(value: str | None, what: str) -> str | None:
     return None if value is None or value == "" else validate_name(value, what)
-
-
-def get_group(session: Session, name: str) -> Group:
-    group = session.scalar(select(Group).where(Group.name == name))
-    if group is None:
-        known = ", ".join(session.scalars(select(Group.name).order_by(Group.name)))
-        raise GroupNotFound(f"unknown group {name!r} (known: {known}); add it with: atmoe-reg groups --add {name}")
-    return group
 
 
 # -- add -----------------------------------------------------------------------------------------
@@ -387,37 +379,6 @@ def expert_record(expert: Expert, *, files: bool = True) -> dict[str, Any]:
     return record
 
 
-# -- groups --------------------------------------------------------------------------------------
-
-
-def list_groups(session: Session) -> list[Group]:
-    return list(session.scalars(select(Group).order_by(Group.id)))
-
-
-def group_summaries(session: Session) -> list[dict[str, Any]]:
-    statement = select(Expert.group_id, func.count(func.distinct(Expert.name))).group_by(Expert.group_id)
-    counts = {group_id: count for group_id, count in session.execute(statement)}
-    return [
-        {"name": g.name, "description": g.description, "experts": counts.get(g.id, 0)} for g in list_groups(session)
-    ]
-
-
-def add_group(registry: Registry, name: str, description: str | None = None) -> tuple[Group, bool]:
-    """Add a group; returns ``(group, created)`` (False when it already exists)."""
-    validate_name(name, "group")
-
-    def insert(session: Session) -> tuple[Group, bool]:
-        existing = session.scalar(select(Group).where(Group.name == name))
-        if existing is not None:
-            return existing, False
-        group = Group(name=name, description=description)
-        session.add(group)
-        session.flush()
-        return group, True
-
-    return registry.transact(insert)
-
-
 # -- remove --------------------------------------------------------------------------------------
 
 
@@ -467,159 +428,3 @@ def remove_expert(registry: Registry, ref: str, *, force: bool = False) -> list[
         return removed
 
     return registry.transact(work, attempts=1)
-
-
-# -- verify --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One bad blob: who references it, under which path, and what is wrong."""
-
-    kind: str  # "expert" or "router"
-    ref: str  # name@version, or composition@version:router
-    path: str | None
-    digest: str
-    problem: str
-
-    def __str__(self) -> str:
-        where = f"{self.ref} {self.path}" if self.path else self.ref
-        return f"{where}: {self.problem}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class VerifyReport:
-    problems: list[Problem] = field(default_factory=list)
-    experts: int = 0
-    routers: int = 0
-    blobs: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "experts": self.experts,
-            "routers": self.routers,
-            "blobs": self.blobs,
-            "problems": [p.to_dict() for p in self.problems],
-        }
-
-
-def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
-    """Hash every blob of one expert (``ref``) or of the whole catalog (experts and routers)."""
-    report = VerifyReport()
-    results: dict[str, str | None] = {}
-
-    def check(digest: str) -> str | None:
-        if digest not in results:
-            try:
-                registry.store.path_verified(digest)
-                results[digest] = None
-            except ChecksumMismatch as error:
-                results[digest] = str(error)
-        return results[digest]
-
-    with registry.session() as session:
-        if ref is not None:
-            experts = [get_expert(session, ref)]
-            routers: list[tuple[str, str]] = []
-        else:
-            experts = list_experts(session, with_files=True)
-            routers = [
-                (f"{name}@{version}:{number}", digest)
-                for name, version, number, digest in session.execute(
-                    select(Composition.name, Composition.version, Router.number, Router.blob_digest)
-                    .join(Composition, Router.composition_id == Composition.id)
-                    .order_by(Composition.name, Composition.version, Router.number)
-                )
-            ]
-    for expert in experts:
-        report.experts += 1
-        for file in expert.files:
-            problem = check(file.sha256)
-            if problem is not None:
-                report.problems.append(Problem("expert", expert.ref, file.path, file.sha256, problem))
-    for router_ref, digest in routers:
-        report.routers += 1
-        problem = check(digest)
-        if problem is not None:
-            report.problems.append(Problem("router", router_ref, None, digest, problem))
-    report.blobs = len(results)
-    return report
-
-
-# -- garbage collection ----------------------------------------------------------------------------
-
-
-@dataclass
-class GcReport:
-    dry_run: bool
-    grace_seconds: float
-    blobs: list[dict[str, Any]] = field(default_factory=list)  # {"digest", "size"}
-    temp_files: list[str] = field(default_factory=list)
-    kept_recent: int = 0  # unreferenced but younger than the grace period
-
-    @property
-    def bytes(self) -> int:
-        return sum(b["size"] for b in self.blobs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "grace_seconds": self.grace_seconds,
-            "blobs": self.blobs,
-            "temp_files": self.temp_files,
-            "kept_recent": self.kept_recent,
-            "bytes": self.bytes,
-        }
-
-
-def referenced_digests(session: Session) -> set[str]:
-    """Every blob the catalog references: expert files and router weights."""
-    digests = set(session.scalars(select(ExpertFile.sha256).distinct()))
-    digests.update(session.scalars(select(Router.blob_digest).distinct()))
-    return digests
-
-
-def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600) -> GcReport:
-    """Find (and unless ``dry_run`` remove) unreferenced blobs and stale temp files.
-
-    Only what is older than ``grace_seconds`` goes: a blob written (or deduplicated onto, which
-    touches it) by an add whose row is not committed yet is young, so it is kept.
-    """
-    if grace_seconds < 0:
-        raise UsageError(f"--grace must be >= 0 seconds, not {grace_seconds}")
-    report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
-    store = registry.store
-    with registry.session() as session:
-        referenced = referenced_digests(session)
-    cutoff = time.time() - grace_seconds
-    for digest in store.iter_digests():
-        if digest in referenced:
-            continue
-        try:
-            info = store.path_for(digest).stat()
-        except FileNotFoundError:
-            continue
-        if info.st_mtime > cutoff:
-            report.kept_recent += 1
-            continue
-        report.blobs.append({"digest": digest, "size": info.st_size})
-    for temp in store.iter_temp_files():
-        try:
-            if temp.stat().st_mtime <= cutoff:
-                report.temp_files.append(str(temp))
-        except FileNotFoundError:
-            continue
-    if not dry_run:
-        for blob in report.blobs:
-            store.remove(blob["digest"])
-        for temp in report.temp_files:
-            Path(temp).unlink(missing_ok=True)
-    return report

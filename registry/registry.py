@@ -26,7 +26,8 @@ from sqlalchemy.orm import Session
 
 from atmoe.config import AtmoeConfig
 from atmoe.errors import UsageError
-from atmoe.registry import db, experts
+from atmoe.registry import db, experts, integrity
+from atmoe.registry import groups as group_service
 from atmoe.registry.config import Settings, resolve
 from atmoe.registry.experts import current_user
 from atmoe.registry.models import Expert, Group
@@ -188,12 +189,12 @@ class Registry:
         with self.session() as session:
             return experts.get_expert(session, ref)
 
-    def verify(self, ref: str | None = None) -> list[experts.Problem]:
+    def verify(self, ref: str | None = None) -> list[integrity.Problem]:
         """Re-hash the blobs of one expert, or of every expert and router; [] when all intact."""
-        return experts.verify(self, ref).problems
+        return integrity.verify(self, ref).problems
 
-    def verify_report(self, ref: str | None = None) -> experts.VerifyReport:
-        return experts.verify(self, ref)
+    def verify_report(self, ref: str | None = None) -> integrity.VerifyReport:
+        return integrity.verify(self, ref)
 
     def remove_expert(self, ref: str, force: bool = False) -> list[str]:
         return experts.remove_expert(self, ref, force=force)
@@ -201,14 +202,14 @@ class Registry:
     # -- groups ------------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         with self.session() as session:
-            return experts.list_groups(session)
+            return group_service.list_groups(session)
 
     def add_group(self, name: str, description: str | None = None) -> tuple[Group, bool]:
-        return experts.add_group(self, name, description)
+        return group_service.add_group(self, name, description)
 
     # -- store maintenance -------------------------------------------------------------------------
-    def gc(self, dry_run: bool = True, grace_seconds: float = 3600) -> experts.GcReport:
-        return experts.gc(self, dry_run=dry_run, grace_seconds=grace_seconds)
+    def gc(self, dry_run: bool = True, grace_seconds: float = 3600) -> integrity.GcReport:
+        return integrity.gc(self, dry_run=dry_run, grace_seconds=grace_seconds)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,201 @@
+"""Importing an archive: everything checked first (reading, manifest), then the blobs stored and the
+rows inserted in one transaction.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from atmoe.errors import ChecksumMismatch, InvalidArchive, UsageError
+from atmoe.registry.archive.layout import DEFAULT_MAX_MEMBER_SIZE, DEFAULT_MAX_MEMBERS
+from atmoe.registry.archive.manifest import PlannedExpert, check_manifest
+from atmoe.registry.archive.reading import read_members
+
+if TYPE_CHECKING:
+    from atmoe.registry.models import Expert
+    from atmoe.registry.registry import Registry
+
+
+# -- import: writing -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    path: str
+    experts_added: list[str] = field(default_factory=list)
+    experts_existing: list[str] = field(default_factory=list)
+    compositions_added: list[str] = field(default_factory=list)
+    compositions_existing: list[str] = field(default_factory=list)
+    routers_added: list[str] = field(default_factory=list)
+    routers_existing: list[str] = field(default_factory=list)
+    aliases_set: list[str] = field(default_factory=list)
+    blobs: int = 0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def import_archive(
+    registry: Registry,
+    path: str | os.PathLike[str],
+    *,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_member_size: int = DEFAULT_MAX_MEMBER_SIZE,
+    dry_run: bool = False,
+) -> ImportReport:
+    """Check all of ``path`` first, then store its blobs and insert its rows (see the module doc)."""
+    archive = Path(path)
+    if max_members < 1 or max_member_size < 0:
+        raise UsageError("--max-members must be >= 1 and --max-member-size >= 0")
+    if not archive.is_file():
+        raise InvalidArchive(f"{archive}: no such file")
+    report = ImportReport(path=str(archive), dry_run=dry_run)
+    with tempfile.TemporaryDirectory(prefix="atmoe-import-") as temp:
+        staging = Path(temp) / "blobs"
+        work = Path(temp) / "experts"
+        staging.mkdir()
+        work.mkdir()
+        staged = read_members(archive, staging, max_members=max_members, max_member_size=max_member_size)
+        groups, experts, compositions = check_manifest(staged, archive, work)
+        report.blobs = len(staged.blobs)
+        if dry_run:
+            report.experts_added = [f"{p.row['name']}@{p.row['version']}" for p in experts]
+            report.compositions_added = [f"{c['name']}@{c['version']}" for c in compositions]
+            return report
+        # blobs first (the store hashes them again); rows only once every blob is in place
+        for digest, staged_path in sorted(staged.blobs.items()):
+            stored = registry.store.put_file(staged_path)
+            if stored.digest != digest:  # pragma: no cover - the staging area changed under us
+                raise ChecksumMismatch(f"staged blob sha256:{digest} changed while it was imported")
+
+        def work_rows(session: Session) -> ImportReport:
+            result = ImportReport(path=str(archive), blobs=len(staged.blobs))
+            _insert(session, groups, experts, compositions, result)
+            return result
+
+        return registry.transact(work_rows)
+
+
+def _insert(
+    session: Session,
+    groups: dict[str, str | None],
+    experts: Iterable[PlannedExpert],
+    compositions: Iterable[dict[str, Any]],
+    report: ImportReport,
+) -> None:
+    from atmoe.registry import compositions as composition_service
+    from atmoe.registry.db import next_value
+    from atmoe.registry.experts import adapter_columns, current_user
+    from atmoe.registry.models import Expert, ExpertFile, Group, Router, RouterAlias
+
+    group_rows = {g.name: g for g in session.scalars(select(Group))}
+    for name, description in groups.items():
+        if name not in group_rows:
+            group_rows[name] = Group(name=name, description=description)
+            session.add(group_rows[name])
+    session.flush()
+
+    by_key: dict[tuple[str, int], Expert] = {}
+    for planned in experts:
+        row, info = planned.row, planned.info
+        label = f"{row['name']}@{row['version']}"
+        existing = session.scalar(select(Expert).where(Expert.name == row["name"], Expert.digest == row["digest"]))
+        if existing is not None:
+            by_key[(row["name"], row["version"])] = existing
+            report.experts_existing.append(f"{label} -> {existing.ref}")
+            continue
+        expert = Expert(
+            name=row["name"],
+            version=next_value(session, Expert.version, Expert.name == row["name"]),
+            group=group_rows[row["group"]],
+            domain=row.get("domain") or None,
+            style=row.get("style") or None,
+            tags=row["tags"],
+            description=row.get("description"),
+            base_model=row.get("base_model"),
+            base_revision=row.get("base_revision"),
+            **adapter_columns(info),
+            digest=row["digest"],
+            size=sum(size for _, _, size in planned.files),
+            created_by=row.get("created_by") or current_user(),
+            source=row.get("source"),
+            files=[ExpertFile(path=p, sha256=s, size=n) for p, s, n in planned.files],
+        )
+        if row.get("created_at") is not None:
+            expert.created_at = row["created_at"]
+        session.add(expert)
+        session.flush()
+        by_key[(row["name"], row["version"])] = expert
+        report.experts_added.append(f"{label} -> {expert.ref}")
+
+    for row in compositions:
+        label = f"{row['name']}@{row['version']}"
+        members: dict[str, list[Expert]] = {g: [] for g in row["groups"]}
+        for entry in sorted(row["members"], key=lambda m: (row["groups"].index(m["group"]), m["slot"])):
+            members[entry["group"]].append(by_key[(entry["name"], entry["version"])])
+        general = by_key[(row["general"]["name"], row["general"]["version"])] if row.get("general") else None
+        spec = composition_service.ComposeSpec(
+            name=row["name"],
+            groups=tuple(row["groups"]),
+            config=row["config"],
+            general=general.ref if general is not None else None,
+            description=row.get("description"),
+        )
+        composition, created = composition_service.pin(
+            session,
+            spec,
+            members,
+            general,
+            created_by=row.get("created_by") or current_user(),
+            created_at=row.get("created_at"),
+        )
+        if created:
+            report.compositions_added.append(f"{label} -> {composition.ref}")
+        else:
+            report.compositions_existing.append(f"{label} -> {composition.ref}")
+        for router_row in sorted(row.get("routers", []), key=lambda r: r["number"]):
+            router_label = f"{label}:{router_row['number']}"
+            router = session.scalar(
+                select(Router).where(
+                    Router.composition_id == composition.id, Router.blob_digest == router_row["blob_digest"]
+                )
+            )
+            if router is not None:
+                report.routers_existing.append(f"{router_label} -> {composition.ref}:{router.number}")
+            else:
+                router = Router(
+                    composition=composition,
+                    number=next_value(session, Router.number, Router.composition_id == composition.id),
+                    blob_digest=router_row["blob_digest"],
+                    data_digest=router_row.get("data_digest"),
+                    eval_data_digest=router_row.get("eval_data_digest"),
+                    hyperparameters=dict(router_row.get("hyperparameters") or {}),
+                    metrics=dict(router_row.get("metrics") or {}),
+                    library_versions=dict(router_row.get("library_versions") or {}),
+                    created_by=router_row.get("created_by") or current_user(),
+                    notes=router_row.get("notes"),
+                )
+                if router_row.get("created_at") is not None:
+                    router.created_at = router_row["created_at"]
+                session.add(router)
+                session.flush()
+                report.routers_added.append(f"{router_label} -> {composition.ref}:{router.number}")
+            for alias in router_row.get("aliases", []):
+                taken = session.scalar(
+                    select(RouterAlias).where(
+                        RouterAlias.composition_name == composition.name, RouterAlias.alias == alias
+                    )
+                )
+                if taken is None:  # an alias the target already has keeps pointing where it does
+                    session.add(RouterAlias(composition_name=composition.name, alias=alias, router=router))
+                    session.flush()
+                    report.aliases_set.append(f"{composition.name}:{alias} -> {composition.ref}:{router.number}")
