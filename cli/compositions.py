@@ -34,9 +34,10 @@ def compose(name, groups, experts, general, description, as_json, **settings) ->
     """Pin experts of the listed groups as an immutable composition version."""
     config = pop_config(AtmoeConfig, settings, general=general is not None)
     registry = get_registry()
-    record, created = registry.compose(
+    composed, created = registry.compose(
         name=name, groups=_group_list(groups), experts=experts, general=general, config=config, description=description
     )
+    record = composed.to_dict()
     if as_json:
         output.print_json({**record, "created": created})
         return
@@ -62,7 +63,7 @@ def compositions(ctx: click.Context, name: str | None, as_json: bool) -> None:
     """List composition versions (or `compositions show REF`)."""
     if ctx.invoked_subcommand is not None:
         return
-    records = get_registry().compositions(name=name)
+    records = [c.to_dict() for c in get_registry().compositions(name=name)]
     if as_json:
         output.print_json(records)
         return
@@ -91,7 +92,7 @@ def compositions(ctx: click.Context, name: str | None, as_json: bool) -> None:
 @json_option
 def show(ref: str, as_json: bool) -> None:
     """One composition version: its settings and pinned experts."""
-    record = get_registry().composition(ref)
+    record = get_registry().composition(ref).to_dict()
     if as_json:
         output.print_json(record)
         return

@@ -67,7 +67,7 @@ def add_expert(
         return
     if created:
         output.message(
-            f"Added {expert.ref} to group {expert.group.name} "
+            f"Added {expert.ref} to group {expert.group} "
             f"(sha256:{output.short_digest(expert.digest)}, {len(expert.files)} files, "
             f"{output.human_size(expert.size)})"
         )
@@ -130,9 +130,7 @@ def list_command(
 @json_option
 def show(ref: str, as_json: bool) -> None:
     """Show everything about one expert (NAME, NAME@VERSION or NAME@latest)."""
-    from atmoe.registry.experts import expert_record
-
-    record = expert_record(get_registry().get_expert(ref))
+    record = get_registry().get_expert(ref).to_dict()
     if as_json:
         output.print_json(record)
         return

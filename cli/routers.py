@@ -86,7 +86,7 @@ def train_router(ref, data, eval_data, alias, notes, base_model, as_json, **hype
         console=output.console(),
         base_model=base_model,
     )
-    record = trained.record
+    record = trained.record.to_dict()
     if as_json:
         output.print_json(record)
         return
@@ -105,7 +105,7 @@ def train_router(ref, data, eval_data, alias, notes, base_model, as_json, **hype
 @json_option
 def routers(ref: str, as_json: bool) -> None:
     """The routers of a composition version, with their lineage and metrics."""
-    records = get_registry().routers(ref)
+    records = [r.to_dict() for r in get_registry().routers(ref)]
     if as_json:
         output.print_json(records)
         return
@@ -138,7 +138,7 @@ def _fmt(value) -> str:
 def alias(router_ref: str, alias: str) -> None:
     """Point ALIAS (e.g. prod) at a router; an existing alias moves."""
     record = get_registry().set_alias(router_ref, alias)
-    output.message(f"{alias} -> {record['ref']}")
+    output.message(f"{alias} -> {record.ref}")
 
 
 def _routing_out(

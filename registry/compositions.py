@@ -20,6 +20,7 @@ from atmoe.errors import CompositionNotFound, GroupNotFound, InvalidComposition,
 from atmoe.registry.experts import get_expert
 from atmoe.registry.models import Composition, CompositionExpert, Expert, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
+from atmoe.registry.records import CompositionRecord
 
 
 @dataclass(frozen=True)
@@ -199,43 +200,9 @@ def list_compositions(session: Session, name: str | None = None) -> list[Composi
     return list(session.scalars(query))
 
 
-def composition_record(composition: Composition) -> dict:
-    """The JSON form of a composition (``compositions --json`` and ``compositions show``)."""
-    return {
-        "name": composition.name,
-        "version": composition.version,
-        "ref": composition.ref,
-        "base_model": composition.base_model,
-        "base_revision": composition.base_revision,
-        "groups": list(composition.groups),
-        "n_groups": composition.n_groups,
-        "n_max": composition.n_max,
-        "experts": [
-            {
-                "group": m.group_name,
-                "slot": m.slot,
-                "name": m.expert.name,
-                "version": m.expert.version,
-                "ref": m.expert.ref,
-                "digest": m.digest,
-            }
-            for m in composition.members
-        ],
-        "general": (
-            {"ref": composition.general_expert.ref, "digest": composition.general_expert.digest}
-            if composition.general_expert
-            else None
-        ),
-        "lambda": composition.lam,
-        "learn_lambda": composition.learn_lambda,
-        "temperature": composition.temperature,
-        "routing": composition.routing,
-        "options": dict(composition.options or {}),
-        "spec_digest": composition.spec_digest,
-        "description": composition.description,
-        "created_at": composition.created_at.isoformat() if composition.created_at else None,
-        "created_by": composition.created_by,
-    }
+def composition_record(composition: Composition) -> CompositionRecord:
+    """The typed record of a composition version (``compositions --json`` prints its ``to_dict()``)."""
+    return CompositionRecord.from_row(composition)
 
 
 def members_by_group(composition: Composition) -> dict[str, list[CompositionExpert]]:

@@ -23,6 +23,7 @@ from atmoe.registry.db import next_value
 from atmoe.registry.groups import get_group
 from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertFile, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
+from atmoe.registry.records import ExpertRecord
 
 if TYPE_CHECKING:
     from atmoe.registry.registry import Registry
@@ -150,7 +151,7 @@ def add_expert(
     base_revision: str | None = None,
     created_by: str | None = None,
     source: str | None = None,
-) -> tuple[Expert, bool]:
+) -> tuple[ExpertRecord, bool]:
     """Validate and add a PEFT LoRA directory as the next version of ``name``.
 
     Returns ``(expert, created)``; ``created`` is False when identical content is already a
@@ -168,34 +169,75 @@ def add_expert(
     info = validate_adapter(path, check_values=False)
     stored = _store_adapter(registry, info)  # raises on NaN/Inf before the weights land
     digest = content_digest((p, blob.digest) for p, blob in stored)
-    total = sum(blob.size for _, blob in stored)
 
-    def insert(session: Session) -> tuple[Expert, bool]:
+    def insert(session: Session) -> tuple[ExpertRecord, bool]:
         existing = session.scalar(select(Expert).where(Expert.name == name, Expert.digest == digest))
         if existing is not None:
-            return existing, False
-        expert = Expert(
+            return ExpertRecord.from_row(existing), False
+        expert = insert_expert(
+            session,
             name=name,
-            version=next_value(session, Expert.version, Expert.name == name),
             group=get_group(session, group),
+            info=info,
+            digest=digest,
+            files=[(p, blob.digest, blob.size) for p, blob in stored],
             domain=domain,
             style=style,
             tags=clean_tags,
             description=description,
             base_model=canonical_base_model(base_model or info.base_model_name_or_path),
             base_revision=base_revision or info.revision,
-            **adapter_columns(info),
-            digest=digest,
-            size=total,
             created_by=created_by if created_by is not None else current_user(),
             source=source if source is not None else str(Path(path).resolve()),
-            files=[ExpertFile(path=p, sha256=blob.digest, size=blob.size) for p, blob in stored],
         )
-        session.add(expert)
-        session.flush()
-        return expert, True
+        return ExpertRecord.from_row(expert), True
 
     return registry.transact(insert)
+
+
+def insert_expert(
+    session: Session,
+    *,
+    name: str,
+    group: Group,
+    info: AdapterInfo,
+    digest: str,
+    files: Sequence[tuple[str, str, int]],
+    domain: str | None = None,
+    style: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    description: str | None = None,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    created_by: str | None = None,
+    source: str | None = None,
+    created_at: datetime | None = None,
+) -> Expert:
+    """The one insertion of an expert row (add-expert and import): the next version of ``name``, its
+    columns from the validated adapter, and its files ``(path, sha256, size)``, whose blobs must
+    already be in the store."""
+    expert = Expert(
+        name=name,
+        version=next_value(session, Expert.version, Expert.name == name),
+        group=group,
+        domain=domain,
+        style=style,
+        tags=dict(tags or {}),
+        description=description,
+        base_model=base_model,
+        base_revision=base_revision,
+        **adapter_columns(info),
+        digest=digest,
+        size=sum(size for _, _, size in files),
+        created_by=created_by,
+        source=source,
+        files=[ExpertFile(path=p, sha256=s, size=n) for p, s, n in files],
+    )
+    if created_at is not None:
+        expert.created_at = created_at
+    session.add(expert)
+    session.flush()
+    return expert
 
 
 # -- queries -------------------------------------------------------------------------------------
@@ -348,35 +390,8 @@ def get_expert(session: Session, ref: str | Ref) -> Expert:
 
 
 def expert_record(expert: Expert, *, files: bool = True) -> dict[str, Any]:
-    """Everything the catalog knows about one expert version, JSON-ready."""
-    record: dict[str, Any] = {
-        "ref": expert.ref,
-        "name": expert.name,
-        "version": expert.version,
-        "group": expert.group.name,
-        "domain": expert.domain,
-        "style": expert.style,
-        "tags": dict(expert.tags or {}),
-        "description": expert.description,
-        "base_model": expert.base_model,
-        "base_revision": expert.base_revision,
-        "peft_type": expert.peft_type,
-        "r": expert.r,
-        "alpha": expert.alpha,
-        "use_rslora": expert.use_rslora,
-        "target_modules": list(expert.target_modules or []),
-        "rank_pattern": dict(expert.rank_pattern or {}),
-        "alpha_pattern": dict(expert.alpha_pattern or {}),
-        "module_ranks": dict(expert.module_ranks or {}),
-        "digest": expert.digest,
-        "size": expert.size,
-        "created_at": as_utc(expert.created_at).isoformat() if expert.created_at else None,
-        "created_by": expert.created_by,
-        "source": expert.source,
-    }
-    if files:
-        record["files"] = [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in expert.files]
-    return record
+    """Everything the catalog knows about one expert version, JSON-ready (``ExpertRecord.to_dict``)."""
+    return ExpertRecord.from_row(expert, files=files).to_dict()
 
 
 # -- remove --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -30,8 +30,12 @@ from atmoe.registry import db, experts, integrity
 from atmoe.registry import groups as group_service
 from atmoe.registry.config import Settings, resolve
 from atmoe.registry.experts import current_user
-from atmoe.registry.models import Expert, Group
+from atmoe.registry.records import CompositionRecord, ExpertRecord, GroupRecord, RouterRecord
 from atmoe.registry.store import BlobStore
+
+if TYPE_CHECKING:
+    from atmoe.registry.build import Built
+    from atmoe.registry.router_training import TrainedRouter
 
 T = TypeVar("T")
 
@@ -146,7 +150,8 @@ class Registry:
         base_revision: str | None = None,
         created_by: str | None = None,
         source: str | None = None,
-    ) -> tuple[Expert, bool]:
+    ) -> tuple[ExpertRecord, bool]:
+        """Validate and add a PEFT LoRA directory as the next version of ``name``; (record, created)."""
         return experts.add_expert(
             self,
             Path(path),
@@ -171,10 +176,10 @@ class Registry:
         base_model: str | None = None,
         *,
         with_files: bool = False,
-    ) -> list[Expert]:
+    ) -> list[ExpertRecord]:
         """Every version, by name and version. Files are loaded only ``with_files``."""
         with self.session() as session:
-            return experts.list_experts(
+            rows = experts.list_experts(
                 session,
                 group=group,
                 domain=domain,
@@ -183,11 +188,12 @@ class Registry:
                 base_model=base_model,
                 with_files=with_files,
             )
+            return [ExpertRecord.from_row(row, files=with_files) for row in rows]
 
-    def get_expert(self, ref: str) -> Expert:
-        """``NAME`` (latest), ``NAME@3`` or ``NAME@latest``; raises ExpertNotFound."""
+    def get_expert(self, ref: str) -> ExpertRecord:
+        """``NAME`` (latest), ``NAME@3`` or ``NAME@latest``, with its files; raises ExpertNotFound."""
         with self.session() as session:
-            return experts.get_expert(session, ref)
+            return ExpertRecord.from_row(experts.get_expert(session, ref))
 
     def verify(self, ref: str | None = None) -> list[integrity.Problem]:
         """Re-hash the blobs of one expert, or of every expert and router; [] when all intact."""
@@ -200,12 +206,13 @@ class Registry:
         return experts.remove_expert(self, ref, force=force)
 
     # -- groups ------------------------------------------------------------------------------------
-    def groups(self) -> list[Group]:
+    def groups(self) -> list[GroupRecord]:
         with self.session() as session:
-            return group_service.list_groups(session)
+            return [GroupRecord(g.name, g.description) for g in group_service.list_groups(session)]
 
-    def add_group(self, name: str, description: str | None = None) -> tuple[Group, bool]:
-        return group_service.add_group(self, name, description)
+    def add_group(self, name: str, description: str | None = None) -> tuple[GroupRecord, bool]:
+        group, created = group_service.add_group(self, name, description)
+        return GroupRecord(group.name, group.description), created
 
     # -- store maintenance -------------------------------------------------------------------------
     def gc(self, dry_run: bool = True, grace_seconds: float = 3600) -> integrity.GcReport:
@@ -253,19 +260,19 @@ class Registry:
             description=description,
         )
 
-        def work(session: Session) -> tuple[dict[str, Any], bool]:
+        def work(session: Session) -> tuple[CompositionRecord, bool]:
             row, created = compositions.compose(session, spec, created_by=created_by or current_user())
             return compositions.composition_record(row), created
 
         return self.transact(work)
 
-    def compositions(self, name: str | None = None) -> list[dict[str, Any]]:
+    def compositions(self, name: str | None = None) -> list[CompositionRecord]:
         from atmoe.registry import compositions
 
         with self.session() as session:
             return [compositions.composition_record(c) for c in compositions.list_compositions(session, name)]
 
-    def composition(self, ref: str) -> dict[str, Any]:
+    def composition(self, ref: str) -> CompositionRecord:
         from atmoe.registry import compositions
 
         with self.session() as session:
@@ -282,28 +289,28 @@ class Registry:
             compositions.check_forced_names(composition, weights)
 
     # -- building and routers ------------------------------------------------------------------------
-    def build(self, ref: str, *, router: bool = True, base_model: str | None = None, dtype: Any = None) -> Any:
+    def build(self, ref: str, *, router: bool = True, base_model: str | None = None, dtype: Any = None) -> Built:
         """Verify every blob, then build the composition's model (+ router); returns ``build.Built``."""
         from atmoe.registry.build import build_composition
 
         with self.session() as session:
             return build_composition(session, self.store, ref, router=router, base_model=base_model, dtype=dtype)
 
-    def train_router(self, ref: str, **kwargs: Any) -> Any:
+    def train_router(self, ref: str, **kwargs: Any) -> TrainedRouter:
         """Train and record the next router of ``ref``; see ``router_training.train_and_record``."""
         from atmoe.registry.router_training import train_and_record
 
         kwargs.setdefault("created_by", current_user())
         return train_and_record(self, ref, **kwargs)
 
-    def routers(self, ref: str) -> list[dict[str, Any]]:
+    def routers(self, ref: str) -> list[RouterRecord]:
         from atmoe.registry import routers
 
         with self.session() as session:
             _, rows = routers.list_routers(session, ref)
             return [routers.router_record(session, row) for row in rows]
 
-    def set_alias(self, router_ref: str, alias: str) -> dict[str, Any]:
+    def set_alias(self, router_ref: str, alias: str) -> RouterRecord:
         """Point ``alias`` at the router ``NAME[@VERSION]:ROUTER`` names; returns the router's record."""
         from atmoe.registry import names, routers
 
@@ -311,7 +318,7 @@ class Registry:
         if ref.router is None:
             raise UsageError(f"{router_ref!r} names no router: use NAME[@VERSION]:ROUTER")
 
-        def work(session: Session) -> dict[str, Any]:
+        def work(session: Session) -> RouterRecord:
             composition, router = routers.resolve_router(session, ref)
             routers.set_alias(session, composition.name, alias, router)
             return routers.router_record(session, router)

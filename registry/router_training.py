@@ -13,12 +13,13 @@ from pathlib import Path
 from atmoe.registry.build import Built, router_bytes
 from atmoe.registry.compositions import get_composition
 from atmoe.registry.names import parse_ref
+from atmoe.registry.records import RouterRecord
 from atmoe.registry.routers import record_router, resolve_router, router_record, set_alias
 
 
 @dataclass
 class TrainedRouter:
-    record: dict  # router_record() of the new row
+    record: RouterRecord  # the new router
     built: Built
 
 
@@ -94,5 +95,5 @@ def train_and_record(
         return router_record(session, router)
 
     row = registry.transact(record)
-    built.router = row["ref"]
+    built.router = row.ref
     return TrainedRouter(record=row, built=built)

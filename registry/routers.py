@@ -6,6 +6,8 @@ hyperparameters, metrics and library versions, so any answer traces back to what
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -13,11 +15,12 @@ from atmoe.errors import RouterNotFound, UsageError
 from atmoe.registry.compositions import get_composition
 from atmoe.registry.models import Composition, Router, RouterAlias
 from atmoe.registry.names import Ref, parse_ref, validate_name
+from atmoe.registry.records import RouterRecord
 
 LIBRARIES = ("atmoe-registry", "torch", "transformers", "peft", "accelerate", "safetensors")
 
 
-def library_versions() -> dict[str, str]:
+def current_library_versions() -> dict[str, str]:
     """Installed versions of the libraries that shape a router's numbers."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -41,8 +44,12 @@ def record_router(
     metrics: dict,
     created_by: str | None = None,
     notes: str | None = None,
+    library_versions: dict[str, str] | None = None,
+    created_at: datetime | None = None,
 ) -> Router:
-    """Add the next router number of ``composition``; the blob must already be in the store."""
+    """The one insertion of a router row (train-router and import): the next router number of
+    ``composition``; the blob must already be in the store. ``library_versions`` default to this
+    process's (``current_library_versions``)."""
     from atmoe.registry.db import next_value
 
     router = Router(
@@ -53,10 +60,12 @@ def record_router(
         eval_data_digest=eval_data_digest,
         hyperparameters=hyperparameters,
         metrics=metrics,
-        library_versions=library_versions(),
+        library_versions=library_versions if library_versions is not None else current_library_versions(),
         created_by=created_by,
         notes=notes,
     )
+    if created_at is not None:
+        router.created_at = created_at
     session.add(router)
     session.flush()
     return router
@@ -128,20 +137,6 @@ def aliases_of(session: Session, router: Router) -> list[str]:
     )
 
 
-def router_record(session: Session, router: Router) -> dict:
-    """The JSON form of a router (``routers --json``)."""
-    return {
-        "composition": router.composition.ref,
-        "number": router.number,
-        "ref": f"{router.composition.ref}:{router.number}",
-        "aliases": aliases_of(session, router),
-        "blob_digest": router.blob_digest,
-        "data_digest": router.data_digest,
-        "eval_data_digest": router.eval_data_digest,
-        "hyperparameters": dict(router.hyperparameters or {}),
-        "metrics": dict(router.metrics or {}),
-        "library_versions": dict(router.library_versions or {}),
-        "created_at": router.created_at.isoformat() if router.created_at else None,
-        "created_by": router.created_by,
-        "notes": router.notes,
-    }
+def router_record(session: Session, router: Router) -> RouterRecord:
+    """The typed record of a router (``routers --json`` prints its ``to_dict()``)."""
+    return RouterRecord.from_row(router, aliases_of(session, router))

@@ -169,7 +169,7 @@ def test_round_trip_brings_the_composition_with_its_experts_and_routers(
     assert "experts 5 new" in result.stderr and "routers 1 new" in result.stderr
     assert "OK:" in ok("verify").stderr
     with Registry.open() as registry:
-        record = registry.composition("medqa")
+        record = registry.composition("medqa").to_dict()
         assert [(m["group"], m["slot"], m["ref"]) for m in record["experts"]] == [
             ("functional", 0, "dx@1"),
             ("functional", 1, "rx@1"),
@@ -177,7 +177,7 @@ def test_round_trip_brings_the_composition_with_its_experts_and_routers(
             ("style", 0, "terse@1"),
         ]
         assert record["general"]["ref"] == "gen@1" and record["lambda"] == 0.5
-        (router,) = registry.routers("medqa")
+        (router,) = [r.to_dict() for r in registry.routers("medqa")]
         assert router["aliases"] == ["prod"] and router["metrics"] == {"eval_loss": 1.5}
         gastro = registry.get_expert("gastro")
         with _open_source(populated.home) as src:  # type: ignore[attr-defined]

@@ -294,10 +294,17 @@ def test_verify_finds_missing_blobs_and_router_blobs(adapters: dict[str, Path]) 
     assert f"sha256:{router_blob} is missing" in line
 
 
+def _row(session: Any, expert: Any) -> Expert:
+    return session.scalar(select(Expert).where(Expert.name == expert.name, Expert.version == expert.version))
+
+
 # -- remove and gc -------------------------------------------------------------------------------------
 
 
-def _composition(session: Any, expert: Expert, *, general: Expert | None = None) -> Composition:
+def _composition(session: Any, expert: Any, *, general: Any = None) -> Composition:
+    """A composition row pinning ``expert`` (a record or row; its row is read in ``session``)."""
+    expert = _row(session, expert)
+    general = _row(session, general) if general is not None else None
     composition = Composition(
         name="med",
         version=1,

@@ -368,7 +368,7 @@ def run_demo(
             trained[method], tokenizer, runs = _train_routers(
                 registry,
                 steps,
-                record["ref"],
+                record.ref,
                 files["router_train"],
                 files["router_eval"],
                 train_config,
@@ -377,11 +377,11 @@ def run_demo(
             )
             # the first run's router is the one the route/generate commands and the heatmap show
             router_info[method] = {
-                "composition": record["ref"],
+                "composition": record.ref,
                 "routers": runs,
                 "router": runs[0]["router"],
-                "n_groups": record["n_groups"],
-                "n_max": record["n_max"],
+                "n_groups": record.n_groups,
+                "n_max": record.n_max,
             }
         steps.timed(f"compose + train-router x{3 * profile.router_seeds}", t)
 
@@ -441,7 +441,7 @@ def run_demo(
             layout_runs[name], _, runs = _train_routers(
                 registry,
                 steps,
-                record["ref"],
+                record.ref,
                 data["router_train"],
                 data["router_eval"],
                 train_config,
@@ -449,10 +449,10 @@ def run_demo(
                 f"atmoe-reg demo ({profile.name}): group layout {name}",
             )
             layout_info[name] = {
-                "composition": record["ref"],
+                "composition": record.ref,
                 "routers": runs,
-                "n_groups": record["n_groups"],
-                "n_max": record["n_max"],
+                "n_groups": record.n_groups,
+                "n_max": record.n_max,
                 "groups": {g: list(v) for g, v in layout.groups.items()},
                 "data": {k: str(v) for k, v in data.items()},
             }
@@ -580,9 +580,7 @@ def _train_routers(
         )
         models.append(result.built.model)
         tokenizer = result.built.tokenizer
-        runs.append(
-            {"router": result.record.get("ref"), "seed": run_config.seed, "metrics": result.record.get("metrics")}
-        )
+        runs.append({"router": result.record.ref, "seed": run_config.seed, "metrics": dict(result.record.metrics)})
     return models, tokenizer, runs
 
 

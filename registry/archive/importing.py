@@ -93,9 +93,9 @@ def _insert(
     report: ImportReport,
 ) -> None:
     from atmoe.registry import compositions as composition_service
-    from atmoe.registry.db import next_value
-    from atmoe.registry.experts import adapter_columns, current_user
-    from atmoe.registry.models import Expert, ExpertFile, Group, Router, RouterAlias
+    from atmoe.registry.experts import current_user, insert_expert
+    from atmoe.registry.models import Expert, Group, Router, RouterAlias
+    from atmoe.registry.routers import record_router
 
     group_rows = {g.name: g for g in session.scalars(select(Group))}
     for name, description in groups.items():
@@ -113,27 +113,23 @@ def _insert(
             by_key[(row["name"], row["version"])] = existing
             report.experts_existing.append(f"{label} -> {existing.ref}")
             continue
-        expert = Expert(
+        expert = insert_expert(
+            session,
             name=row["name"],
-            version=next_value(session, Expert.version, Expert.name == row["name"]),
             group=group_rows[row["group"]],
+            info=info,
+            digest=row["digest"],
+            files=planned.files,
             domain=row.get("domain") or None,
             style=row.get("style") or None,
             tags=row["tags"],
             description=row.get("description"),
             base_model=row.get("base_model"),
             base_revision=row.get("base_revision"),
-            **adapter_columns(info),
-            digest=row["digest"],
-            size=sum(size for _, _, size in planned.files),
             created_by=row.get("created_by") or current_user(),
             source=row.get("source"),
-            files=[ExpertFile(path=p, sha256=s, size=n) for p, s, n in planned.files],
+            created_at=row.get("created_at"),
         )
-        if row.get("created_at") is not None:
-            expert.created_at = row["created_at"]
-        session.add(expert)
-        session.flush()
         by_key[(row["name"], row["version"])] = expert
         report.experts_added.append(f"{label} -> {expert.ref}")
 
@@ -172,9 +168,9 @@ def _insert(
             if router is not None:
                 report.routers_existing.append(f"{router_label} -> {composition.ref}:{router.number}")
             else:
-                router = Router(
-                    composition=composition,
-                    number=next_value(session, Router.number, Router.composition_id == composition.id),
+                router = record_router(
+                    session,
+                    composition,
                     blob_digest=router_row["blob_digest"],
                     data_digest=router_row.get("data_digest"),
                     eval_data_digest=router_row.get("eval_data_digest"),
@@ -183,11 +179,8 @@ def _insert(
                     library_versions=dict(router_row.get("library_versions") or {}),
                     created_by=router_row.get("created_by") or current_user(),
                     notes=router_row.get("notes"),
+                    created_at=router_row.get("created_at"),
                 )
-                if router_row.get("created_at") is not None:
-                    router.created_at = router_row["created_at"]
-                session.add(router)
-                session.flush()
                 report.routers_added.append(f"{router_label} -> {composition.ref}:{router.number}")
             for alias in router_row.get("aliases", []):
                 taken = session.scalar(

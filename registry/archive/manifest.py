@@ -10,7 +10,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from atmoe.config import AtmoeConfig
@@ -18,6 +17,7 @@ from atmoe.errors import InvalidAdapter, InvalidArchive, UsageError
 from atmoe.registry.archive.layout import BLOB_MEMBER, BLOB_PREFIX, FILE_NAME, FORMAT, FORMAT_VERSION, MANIFEST
 from atmoe.registry.archive.reading import Staged, bad
 from atmoe.registry.names import validate_name
+from atmoe.registry.records import CompositionRecord, ExpertRecord
 
 if TYPE_CHECKING:
     from atmoe.registry.models import Composition, Expert
@@ -36,63 +36,46 @@ MANIFEST_EXPERT_KEYS = (
 )  # fmt: skip
 
 
-def expert_row(expert: Expert) -> dict[str, Any]:
-    from atmoe.registry.experts import expert_record
+# the router fields an archive carries; its number is re-assigned and its composition re-found on import
+MANIFEST_ROUTER_KEYS = (
+    "number", "blob_digest", "data_digest", "eval_data_digest", "hyperparameters", "metrics",
+    "library_versions", "created_at", "created_by", "notes", "aliases",
+)  # fmt: skip
 
-    record = expert_record(expert)
+
+def expert_row(expert: Expert) -> dict[str, Any]:
+    """An expert's manifest row: a projection of its ``ExpertRecord``."""
+    record = ExpertRecord.from_row(expert).to_dict()
     return {key: record[key] for key in MANIFEST_EXPERT_KEYS}
 
 
 def composition_row(session: Session, composition: Composition) -> dict[str, Any]:
-    from atmoe.registry.compositions import composition_config
-    from atmoe.registry.models import Router, RouterAlias
+    """A composition's manifest row, built from its ``CompositionRecord`` and ``RouterRecord`` s."""
+    from atmoe.registry.routers import list_routers, router_record
 
-    routers = list(
-        session.scalars(select(Router).where(Router.composition_id == composition.id).order_by(Router.number))
-    )
-    aliases: dict[int, list[str]] = {}
-    for alias in session.scalars(
-        select(RouterAlias).where(RouterAlias.router_id.in_([r.id for r in routers])).order_by(RouterAlias.alias)
-    ):
-        aliases.setdefault(alias.router_id, []).append(alias.alias)
-    general = composition.general_expert
+    record = CompositionRecord.from_row(composition)
+    _, routers = list_routers(session, record.ref)
+    router_rows = [router_record(session, router).to_dict() for router in routers]
     return {
-        "name": composition.name,
-        "version": composition.version,
-        "base_model": composition.base_model,
-        "base_revision": composition.base_revision,
-        "groups": list(composition.groups),
-        **composition_config(composition).to_columns(),
-        "description": composition.description,
-        "created_at": _iso(composition.created_at),
-        "created_by": composition.created_by,
-        "general": {"name": general.name, "version": general.version, "digest": general.digest} if general else None,
+        "name": record.name,
+        "version": record.version,
+        "base_model": record.base_model,
+        "base_revision": record.base_revision,
+        "groups": list(record.groups),
+        **record.config.to_columns(),
+        "description": record.description,
+        "created_at": _iso(record.created_at),
+        "created_by": record.created_by,
+        "general": (
+            {"name": record.general.name, "version": record.general.version, "digest": record.general.digest}
+            if record.general
+            else None
+        ),
         "members": [
-            {
-                "group": m.group_name,
-                "slot": m.slot,
-                "name": m.expert.name,
-                "version": m.expert.version,
-                "digest": m.digest,
-            }
-            for m in sorted(composition.members, key=lambda m: (m.group_index, m.slot))
+            {"group": m.group, "slot": m.slot, "name": m.name, "version": m.version, "digest": m.digest}
+            for m in record.members
         ],
-        "routers": [
-            {
-                "number": r.number,
-                "blob_digest": r.blob_digest,
-                "data_digest": r.data_digest,
-                "eval_data_digest": r.eval_data_digest,
-                "hyperparameters": dict(r.hyperparameters or {}),
-                "metrics": dict(r.metrics or {}),
-                "library_versions": dict(r.library_versions or {}),
-                "created_at": _iso(r.created_at),
-                "created_by": r.created_by,
-                "notes": r.notes,
-                "aliases": aliases.get(r.id, []),
-            }
-            for r in routers
-        ],
+        "routers": [{key: row[key] for key in MANIFEST_ROUTER_KEYS} for row in router_rows],
     }
 
 
