@@ -129,12 +129,40 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"{type(layer).__name__} is neither nn.Linear nor Conv1D")
 
 
-class MixtureLoraLinear(nn.Module):
+class _StackedLora(nn.Module):
+    """What both mixture layers hold: the experts' A and B stacked once, and per rank row the
+    coefficient column it reads and its scaling s (``rank_column``, ``rank_scale`` [R]).
+
+    All are buffers: frozen, moved by ``.to()``, kept out of state dicts (the experts live in their
+    own files). A and B take the base weight's dtype; ``rank_scale`` stays float32.
+    """
+
+    def _stack(self, pieces: Sequence[LoraPiece], weight: Tensor, b_blocks: Sequence[Tensor]) -> list[int]:
+        """Register A_cat [R, k], B_cat [d, R] (from ``b_blocks``), rank_column, rank_scale; returns the ranks."""
+        ranks = [piece.A.shape[0] for piece in pieces]
+        like = {"device": weight.device, "dtype": weight.dtype}
+        self.register_buffer("A_cat", torch.cat([p.A for p in pieces], 0).to(**like), persistent=False)
+        self.register_buffer("B_cat", torch.cat(list(b_blocks), 1).to(**like), persistent=False)
+        columns = [p.column for p, r in zip(pieces, ranks) for _ in range(r)]
+        self._scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]  # Python floats: float32 kept
+        self.register_buffer("rank_column", torch.tensor(columns, device=weight.device), persistent=False)
+        self.register_buffer(
+            "rank_scale", torch.tensor(self._scales, dtype=torch.float32, device=weight.device), persistent=False
+        )
+        self.columns = sorted({p.column for p in pieces})
+        return ranks
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
+        return self
+
+
+class MixtureLoraLinear(_StackedLora):
     """A frozen ``nn.Linear`` or ``Conv1D`` plus a routed mixture of frozen LoRA experts.
 
-    ``A_cat`` [R, k], ``B_cat`` [d, R], ``rank_column`` [R] (the coefficient column of each rank row)
-    and ``rank_scale`` [R] (s of each rank row, float32) are buffers: frozen, moved by ``.to()``,
-    kept out of state dicts (the experts live in their own files). They take the base weight's dtype.
+    ``A_cat`` [R, k], ``B_cat`` [d, R] and the per-rank-row buffers as in ``_StackedLora``; with lora
+    biases or DoRA experts also ``bias_rows`` / ``gain_rows`` [P, d] and their columns [P].
     """
 
     def __init__(self, base_layer: nn.Module, pieces: Sequence[LoraPiece], routing: BlockRouting) -> None:
@@ -152,12 +180,10 @@ class MixtureLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.routing = routing
         self.in_features, self.out_features = in_features, out_features
-        ranks = [piece.A.shape[0] for piece in pieces]
-        like = {"device": weight.device, "dtype": weight.dtype}
-        self.register_buffer("A_cat", torch.cat([p.A for p in pieces], 0).to(**like), persistent=False)
         # DoRA: g_e folded into its B rows (g_e B_e); plain pieces keep B_e
         b_blocks = [p.B if p.gain is None else p.gain.to(p.B.dtype).unsqueeze(1) * p.B for p in pieces]
-        self.register_buffer("B_cat", torch.cat(b_blocks, 1).to(**like), persistent=False)
+        ranks = self._stack(pieces, weight, b_blocks)
+        like = {"device": weight.device, "dtype": weight.dtype}
         biased = [p for p in pieces if p.bias is not None]
         scaled = [p for p in pieces if p.gain is not None]
         # [P, d] rows: s_e b_e of each biased piece; g_e - 1 of each DoRA piece
@@ -181,15 +207,7 @@ class MixtureLoraLinear(nn.Module):
             torch.tensor([p.column for p in scaled], device=weight.device) if scaled else None,
             persistent=False,
         )
-        columns = [p.column for p, r in zip(pieces, ranks) for _ in range(r)]
-        scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]
-        self._scales = scales  # kept as Python floats: rank_scale stays float32 through .to(dtype)
-        self.register_buffer("rank_column", torch.tensor(columns, device=weight.device), persistent=False)
-        self.register_buffer(
-            "rank_scale", torch.tensor(scales, dtype=torch.float32, device=weight.device), persistent=False
-        )
         signature = tuple((p.column, r, p.scale, p.bias is not None, p.gain is not None) for p, r in zip(pieces, ranks))
-        self.columns = sorted({p.column for p in pieces})
         self.stack_id = routing.add_layer(self, signature)
 
     def piece_columns(self) -> dict[str, Tensor]:
@@ -200,11 +218,6 @@ class MixtureLoraLinear(nn.Module):
         if self.gain_column is not None:
             columns["gain"] = self.gain_column
         return columns
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        super()._apply(fn, recurse)
-        self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
-        return self
 
     def forward(self, x: Tensor) -> Tensor:  # x [B, T, k] (or a pooler's [B, k])
         if x.dim() == 2:
@@ -249,7 +262,7 @@ class MixtureLoraLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank_rows={self.A_cat.shape[0]}"
 
 
-class MixtureLoraEmbedding(nn.Module):
+class MixtureLoraEmbedding(_StackedLora):
     """A frozen ``nn.Embedding`` plus a routed mixture of frozen LoRA embedding experts.
 
     PEFT's embedding LoRA is ``embedding(ids, A.T) @ B.T * s`` with lora_embedding_A [r, vocab] and
@@ -271,30 +284,11 @@ class MixtureLoraEmbedding(nn.Module):
         self.base_layer = base_layer
         self.routing = routing
         self.in_features, self.out_features = vocab, dim
-        ranks = [piece.A.shape[0] for piece in pieces]
-        like = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.register_buffer("A_cat", torch.cat([p.A for p in pieces], 0).to(**like), persistent=False)
-        self.register_buffer("B_cat", torch.cat([p.B for p in pieces], 1).to(**like), persistent=False)
-        scales = [p.scale for p, r in zip(pieces, ranks) for _ in range(r)]
-        self._scales = scales
-        self.register_buffer(
-            "rank_column",
-            torch.tensor([p.column for p, r in zip(pieces, ranks) for _ in range(r)], device=like["device"]),
-            persistent=False,
-        )
-        self.register_buffer(
-            "rank_scale", torch.tensor(scales, dtype=torch.float32, device=like["device"]), persistent=False
-        )
-        self.columns = sorted({p.column for p in pieces})
+        ranks = self._stack(pieces, base_layer.weight, [p.B for p in pieces])
         self.stack_id = routing.add_layer(self, ("embedding", *((p.column, r, p.scale) for p, r in zip(pieces, ranks))))
 
     def piece_columns(self) -> dict[str, Tensor]:
         return {}
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        super()._apply(fn, recurse)
-        self.rank_scale = torch.tensor(self._scales, dtype=torch.float32, device=self.A_cat.device)
-        return self
 
     def forward(self, ids: Tensor) -> Tensor:  # ids [B, T]
         y = self.base_layer(ids)  # [B, T, dim]

@@ -1,5 +1,9 @@
 """``AtMoEModel``: a transformers model whose adapted linears are mixture layers, plus its routers.
 
+(Over 400 lines by intent: one class whose parts, the request state, routing, reading and forcing the
+weights, calibration and the router weights, share its private state; the small helpers at the end
+are its own.)
+
 The routing state belongs to the request, and the request is ours: ``forward`` and ``generate`` take
 the user's ``input_ids``, ``attention_mask`` and ``routing_mask`` themselves and open a ``_Request``
 that the routers read. Nothing is read out of the base model's own forward arguments, whose names

@@ -301,9 +301,10 @@ class _NoProgress:
         return False
 
 
-def _progress(enabled: bool, console):
-    if not enabled:
-        return _NoProgress()
+def progress_bar(console=None):
+    """The toolkit's one rich progress bar (stderr): label, bar, n/total, a ``stats`` field, time.
+
+    Router training shows loss and tokens/s in ``stats``; the demo its own step's figures."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -321,3 +322,7 @@ def _progress(enabled: bool, console):
         TimeElapsedColumn(),
         console=console or Console(stderr=True),
     )
+
+
+def _progress(enabled: bool, console):
+    return progress_bar(console) if enabled else _NoProgress()

@@ -234,9 +234,10 @@ def _placement(report: dict) -> str:
         "still give each block its own group split; the comparison per-block vs shared router below measures "
         "whether separate weights per block help beyond that. "
         f"Every expert (and the general one) was trained at lr {report['profile']['expert']['lr']}, chosen "
-        "before any router was trained: at lr 1e-2 the experts also solve their own tasks, but forced to the "
-        "intended experts they composed far worse (exact match 0.10 vs 0.68 on the quick suite), which "
-        "changes what every mixture method can reach, not one method over another."
+        "before any router was trained, on how well the experts compose when forced to the intended ones "
+        "(a higher rate also solves each expert's own task but composes worse); that choice changes what "
+        "every mixture method can reach, not one method over another. The measurements behind it are in "
+        "docs/DEMO_NOTES.md."
     )
 
 
@@ -251,8 +252,8 @@ def _router_runs(report: dict) -> str:
         return (
             "Every router method was trained once (router seed "
             f"{seeds[0]}): one draw of the routers' training noise. The default profile trains each three "
-            "times; there the runs of one method spread by up to 0.01 to 0.02 in eval loss (measured in two "
-            "environments), so differences between router methods smaller than that are not evidence either way."
+            "times and reports the spread of the runs (docs/DEMO_NOTES.md records the spreads seen so far); "
+            "differences between router methods smaller than that spread are not evidence either way."
         )
     rows = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
     for m in methods:
@@ -282,10 +283,7 @@ def _choices(report: dict) -> str:
         f"{' and learned per block' if p['learn_lambda'] else ''}, {p['router_epochs']} epochs, AdamW lr "
         f"{p['router_lr']} with a cosine decay, routing-loss weight {p['routing_loss_weight']}. The lambda start "
         "and the learning rate were chosen on the validation split (router_eval, never test) for all router "
-        "methods alike: with lambda starting at 0.5 the general expert took over the functional block before "
-        "the routers had learned to weight that group (validation loss, mean of 3 router seeds, quick suite: "
-        "AT-MoE 0.94 at 0.5 vs 0.58 at 0.9; flat router 0.68 at both; measured when the choice was made, with "
-        "earlier package releases than this run's)."
+        "methods alike, before this run; the validation measurements behind them are in docs/DEMO_NOTES.md."
     )
 
 
