@@ -1,4 +1,11 @@
-"""Tokenising prompt/response pairs for the demo's own training and evaluation loops."""
+"""Tokenising prompt/response pairs for the demo's own training and evaluation loops.
+
+Not ``atmoe.data.collate``: these loops train PEFT experts and score base models, PEFT models and
+compositions alike on plain prompt/response pairs (no chat template, no truncation), and they draw
+the same examples thousands of times, so the tokenisation is memoised per tokenizer (two tokenizer
+calls per example were about a seventh of an expert's training step). Router training and its
+evaluation use the library's own ``atmoe.data`` and ``atmoe.training``.
+"""
 
 from __future__ import annotations
 

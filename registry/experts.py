@@ -1,6 +1,9 @@
 """Expert services: add, list, show, remove (groups are in ``groups.py``; verify and gc of the store,
 which concern every blob, in ``integrity.py``).
 
+(Somewhat over 400 lines: adding, listing and removing share the name, tag and label rules and the
+expert queries kept here.)
+
 Every function takes the ``Registry`` (for its sessions and store) or a ``Session``; the
 ``Registry`` facade and the CLI are thin layers over these.
 """
