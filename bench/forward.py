@@ -24,6 +24,7 @@ not hide the layers' cost in so small a model (--vocab 32000 for Llama's); CUDA 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -35,6 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from atmoe.model import AtMoEModel
 
 CPU_DEFAULTS = dict(
     hidden=512,
@@ -209,8 +212,10 @@ def decode_call(model, prompt, tokens, device, result: list[float]):
     """Prefill untimed, then ``tokens`` greedy decode steps with the cache, timed; appends s/token."""
 
     def call():
-        with torch.no_grad():
-            mask = torch.ones(1, prompt.shape[1] + tokens, dtype=torch.long, device=device)
+        mask = torch.ones(1, prompt.shape[1] + tokens, dtype=torch.long, device=device)
+        # a mixture holds the prompt's routing over the decode steps, as its generate() does
+        request = model.request(attention_mask=mask[:, : prompt.shape[1]]) if isinstance(model, AtMoEModel) else None
+        with torch.no_grad(), request or contextlib.nullcontext():
             out = model(input_ids=prompt, attention_mask=mask[:, : prompt.shape[1]], use_cache=True)
             past, step = out.past_key_values, out.logits[:, -1:].argmax(-1)
             synchronize(device)
