@@ -27,6 +27,7 @@ from atmoe.adapter_format import (
     read_settings,
 )
 from atmoe.errors import InvalidAdapter, PickleRefused
+from atmoe.jsontext import JsonTextError, parse_json
 
 CONFIG_NAME, WEIGHTS_NAME = CONFIG_FILE, WEIGHTS_FILE  # the names this module always used
 
@@ -117,9 +118,9 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     if not config_file.is_file():
         raise InvalidAdapter(f"{path}: no {CONFIG_NAME}")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidAdapter(f"{path}: {CONFIG_NAME} is not valid JSON ({exc})") from None
+        config = parse_json(config_file.read_bytes())
+    except JsonTextError as exc:
+        raise InvalidAdapter(f"{path}: {CONFIG_NAME}: is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{path}: {CONFIG_NAME} is not a JSON object")
     try:
@@ -148,9 +149,9 @@ def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, name: str | No
 
     label = name or "adapter"
     try:
-        config = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidAdapter(f"{label}: {CONFIG_NAME} is not valid JSON ({exc})") from None
+        config = parse_json(config_bytes)
+    except JsonTextError as exc:
+        raise InvalidAdapter(f"{label}: {CONFIG_NAME}: is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{label}: {CONFIG_NAME} is not a JSON object")
     try:

@@ -9,12 +9,12 @@ instruction needs; it drives the auxiliary routing loss and the routing accuracy
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from atmoe.errors import DataError
+from atmoe.jsontext import JsonTextError, parse_json
 
 IGNORE_INDEX = -100
 _ROLES = {"system", "user", "assistant", "tool"}
@@ -105,9 +105,9 @@ def read_examples(path: str | Path) -> list[Example]:
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            obj = parse_json(raw)
+        except JsonTextError as exc:
+            raise DataError(f"{path}:{number}: invalid JSON ({exc})") from None
         examples.append(parse_example(obj, source=str(path), line=number))
     if not examples:
         raise DataError(f"{path}: no examples")

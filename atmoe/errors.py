@@ -51,6 +51,10 @@ class GroupNotFound(NotFound):
     """A group that the catalog does not know."""
 
 
+class GroupConflict(AtmoeError, ValueError):
+    """A new version of an expert in another group than its earlier versions."""
+
+
 class InvalidComposition(AtmoeError, ValueError):
     """A composition spec that cannot be built: empty group, duplicate expert, mixed base models..."""
 

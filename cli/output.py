@@ -6,6 +6,7 @@ rich is imported on first use, so that importing a command module stays cheap.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,17 +34,38 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by null: --json is always valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def print_json(data: Any) -> None:
-    """The data alone on stdout, as JSON (for --json).
+    """The data alone on stdout, as JSON (for --json); never NaN or Infinity, which JSON lacks.
 
     Indented for people; a long list is written compactly, one item per line, because the
     indenting encoder is pure Python and 100,000 experts must list in well under a second.
     """
     if isinstance(data, list) and len(data) > PLAIN_TABLE_ROWS:
-        encode = json.JSONEncoder(default=_json_default, ensure_ascii=False).encode
-        sys.stdout.write("[\n" + ",\n".join(encode(item) for item in data) + "\n]\n")
+        encode = json.JSONEncoder(default=_json_default, ensure_ascii=False, allow_nan=False).encode
+        lines = []
+        for item in data:
+            try:
+                lines.append(encode(item))
+            except ValueError:  # a non-finite float somewhere in this item
+                lines.append(encode(_finite(item)))
+        sys.stdout.write("[\n" + ",\n".join(lines) + "\n]\n")
         return
-    click.echo(json.dumps(data, indent=2, default=_json_default, ensure_ascii=False))
+    try:
+        text = json.dumps(data, indent=2, default=_json_default, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(json.loads(json.dumps(data, default=_json_default))), indent=2, ensure_ascii=False)
+    click.echo(text)
 
 
 def _width() -> int | None:

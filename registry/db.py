@@ -33,6 +33,7 @@ REGISTRY_TABLES = frozenset(
 UPGRADE_HINT = "run atmoe-reg db upgrade"
 BUSY_TIMEOUT_MS = 30_000
 _PG_UPGRADE_LOCK = 0x61746D6F65  # "atmoe": serialises concurrent upgrades on PostgreSQL
+_PG_BLOB_LOCK = 0x61746D6F62  # "atmob": writers that reference blobs (shared) against gc (exclusive)
 
 # -- engines -------------------------------------------------------------------------------------
 
@@ -101,6 +102,22 @@ def create_registry_engine(
     # WAL needs shared memory between processes, which network filesystems do not provide.
     _install_sqlite_events(engine, wal=path is not None and remote is None)
     return engine
+
+
+def lock_blobs(session: Any, *, exclusive: bool) -> None:
+    """Take the blob-reference lock for the rest of this write transaction (the gc protocol).
+
+    Writers that commit rows referencing blobs take it shared, gc takes it exclusive while it
+    re-checks references and deletes. SQLite: every write transaction already holds the database's
+    write lock from its first statement (BEGIN IMMEDIATE), which serialises them all; nothing more
+    is needed. PostgreSQL: a transaction-scoped advisory lock, released at commit or rollback, so it
+    holds across processes and machines that share the database.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        session.execute(text(f"SELECT {function}(:key)"), {"key": _PG_BLOB_LOCK})
+    else:  # make sure the IMMEDIATE transaction has begun, so the write lock is held from here on
+        session.execute(text("SELECT 1"))
 
 
 def write_engine(engine: Engine) -> Engine:

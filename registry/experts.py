@@ -13,7 +13,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Select, Text, cast, delete, or_, select
 from sqlalchemy.orm import Session, lazyload, selectinload
 
-from atmoe.errors import ExpertNotFound, InUse, InvalidAdapter, UsageError
+from atmoe.errors import ExpertNotFound, GroupConflict, InUse, InvalidAdapter, UsageError
 from atmoe.registry.db import next_value
 from atmoe.registry.groups import get_group
 from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertFile, Group
@@ -195,7 +195,12 @@ def add_expert(
         )
         return ExpertRecord.from_row(expert), True
 
-    return registry.transact(insert)
+    rewrite = {blob.digest: _rewriter(registry, info.path / name) for name, blob in stored}
+    return registry.transact(insert, blobs=rewrite)
+
+
+def _rewriter(registry: Registry, path: Path) -> Callable[[], Any]:
+    return lambda: registry.store.put_file(path)
 
 
 def insert_expert(
@@ -218,7 +223,17 @@ def insert_expert(
 ) -> Expert:
     """The one insertion of an expert row (add-expert and import): the next version of ``name``, its
     columns from the validated adapter, and its files ``(path, sha256, size)``, whose blobs must
-    already be in the store."""
+    already be in the store. Every version of a name stays in one group (``GroupConflict``): a
+    composition pins the latest version of each name per group, and two groups holding one name
+    would make it pin the name twice."""
+    current = session.scalar(
+        select(Group.name).join(Expert, Expert.group_id == Group.id).where(Expert.name == name).limit(1)
+    )
+    if current is not None and current != group.name:
+        raise GroupConflict(
+            f"expert {name!r} is in group {current!r}; a new version cannot move to {group.name!r} "
+            "(add it under another name, or remove the old versions first)"
+        )
     expert = Expert(
         name=name,
         version=next_value(session, Expert.version, Expert.name == name),

@@ -142,7 +142,11 @@ def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600)
     """Find (and unless ``dry_run`` remove) unreferenced blobs and stale temp files.
 
     Only what is older than ``grace_seconds`` goes: a blob written (or deduplicated onto, which
-    touches it) by an add whose row is not committed yet is young, so it is kept.
+    touches it) by an add whose row is not committed yet is young, so it is kept. The deletion is
+    the second half of the gc protocol (docs/ARCHITECTURE.md): under the blob lock, taken
+    exclusively in a write transaction, the references are read again from the committed rows and
+    each candidate's age is checked again before it is removed; a writer commits rows only while
+    it holds that lock shared and after it has checked that its blobs are in the store.
     """
     if grace_seconds < 0:
         raise UsageError(f"--grace must be >= 0 seconds, not {grace_seconds}")
@@ -169,8 +173,30 @@ def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600)
         except FileNotFoundError:
             continue
     if not dry_run:
-        for blob in report.blobs:
-            store.remove(blob["digest"])
-        for temp in report.temp_files:
-            Path(temp).unlink(missing_ok=True)
+        report.blobs = _remove_unreferenced(registry, report.blobs, cutoff)
+        # a temp file a live writer still holds (its lock) is a write in flight, whatever --grace says
+        report.temp_files = [t for t in report.temp_files if store.remove_abandoned_temp(Path(t))]
     return report
+
+
+def _remove_unreferenced(registry: Registry, candidates: list[dict[str, Any]], cutoff: float) -> list[dict[str, Any]]:
+    """Remove the candidates that are still unreferenced and old, under the exclusive blob lock;
+    returns those removed."""
+    from atmoe.registry.db import lock_blobs
+
+    store = registry.store
+    removed: list[dict[str, Any]] = []
+    with registry.write() as session:
+        lock_blobs(session, exclusive=True)
+        referenced = referenced_digests(session)  # read again: rows committed since the first look count
+        for blob in candidates:
+            digest = blob["digest"]
+            try:
+                fresh = store.path_for(digest).stat().st_mtime > cutoff  # touched by a writer since
+            except FileNotFoundError:
+                continue
+            if digest in referenced or fresh:
+                continue
+            store.remove(digest)
+            removed.append(blob)
+    return removed

@@ -109,22 +109,49 @@ class Registry:
                 session.rollback()
                 raise
 
-    def transact(self, work: Callable[[Session], T], *, attempts: int = 10) -> T:
+    def transact(
+        self,
+        work: Callable[[Session], T],
+        *,
+        attempts: int = 10,
+        blobs: Mapping[str, Callable[[], Any]] | None = None,
+    ) -> T:
         """Run ``work(session)`` in a write transaction, retrying on IntegrityError.
 
         Version and router numbers are allocated as max + 1 under unique constraints; on
         PostgreSQL two writers may pick the same number, and the loser simply tries again, after a
         short random pause so that several losers do not collide again in lockstep.
+
+        ``blobs`` ({digest: rewrite}) are the blobs the rows of ``work`` reference (the gc protocol,
+        docs/ARCHITECTURE.md): inside the transaction, under the blob lock that gc takes
+        exclusively to delete, each must be in the store; one that a gc removed since it was
+        written is written again by its ``rewrite()``, and the commit comes before the lock is let go.
         """
         for attempt in range(1, attempts + 1):
             try:
                 with self.write() as session:
+                    if blobs:
+                        db.lock_blobs(session, exclusive=False)
+                        self._ensure_blobs(blobs)
                     return work(session)
             except IntegrityError:
                 if attempt == attempts:
                     raise
                 time.sleep(random.uniform(0, 0.005 * attempt))
         raise AssertionError("unreachable")
+
+    def _ensure_blobs(self, blobs: Mapping[str, Callable[[], Any]]) -> None:
+        from atmoe.errors import ChecksumMismatch
+
+        for digest, rewrite in blobs.items():
+            if self.store.has(digest):
+                continue
+            rewrite()
+            if not self.store.has(digest):
+                raise ChecksumMismatch(
+                    f"blob sha256:{digest} vanished from the store {self.store.root} "
+                    "and could not be written again; nothing was committed"
+                )
 
     # -- schema ----------------------------------------------------------------------------------
     def current_revision(self) -> str | None:

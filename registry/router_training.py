@@ -72,7 +72,8 @@ def train_and_record(
         progress=progress,
         console=console,
     )
-    blob = registry.store.put_bytes(router_bytes(built.model, metadata={"composition": built.composition}))
+    data = router_bytes(built.model, metadata={"composition": built.composition})
+    blob = registry.store.put_bytes(data)
     hyperparameters = config.as_dict()
     if built.router:
         hyperparameters["warm_start"] = built.router
@@ -94,6 +95,6 @@ def train_and_record(
             set_alias(session, composition.name, alias, router)
         return router_record(session, router)
 
-    row = registry.transact(record)
+    row = registry.transact(record, blobs={blob.digest: lambda: registry.store.put_bytes(data)})
     built.router = row.ref
     return TrainedRouter(record=row, built=built)

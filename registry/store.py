@@ -8,6 +8,7 @@ directory is fsynced too. Identical content is stored once. Reads that feed a mo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from atmoe.errors import ChecksumMismatch, UsageError
+from atmoe.errors import ChecksumMismatch, InvalidAdapter, UsageError
 
 CHUNK_SIZE = 1 << 20
 TEMP_PREFIX = ".tmp-"
@@ -42,14 +43,64 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+class NotRegularFile(OSError):
+    """A path that should be a blob is a FIFO, device, socket, directory or symbolic link."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a regular file for reading, refusing anything else without blocking on it: symbolic links
+    are not followed (``O_NOFOLLOW``) and a FIFO does not wait for a writer (``O_NONBLOCK``);
+    ``NotRegularFile`` then. A blob that is a FIFO or a link to /dev/zero would hang every reader."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # O_NOFOLLOW on a symbolic link
+            raise NotRegularFile(errno.ELOOP, "a symbolic link, not a regular file", str(path)) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     hasher = hashlib.sha256()
     buffer = bytearray(CHUNK_SIZE)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while n := handle.readinto(buffer):
+    with open_regular(path) as handle:
+        while n := handle.readinto(buffer):  # type: ignore[attr-defined]
             hasher.update(view[:n])
     return hasher.hexdigest()
+
+
+def _lock(fd: int) -> None:
+    """An exclusive advisory lock on ``fd`` (POSIX flock; a no-op where there is none)."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except (ImportError, OSError):  # pragma: no cover - no flock on this platform or filesystem
+        pass
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the lock of ``fd`` without waiting; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # pragma: no cover - a filesystem without flock: fall back to the age rule
+        return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -82,7 +133,11 @@ class BlobStore:
         return self.blobs_dir / digest[:2] / digest[2:]
 
     def has(self, digest: str) -> bool:
-        return self.path_for(digest).is_file()
+        """Is the blob in the store as a regular file (a symbolic link or FIFO in its place is not)?"""
+        try:
+            return stat.S_ISREG(self.path_for(digest).lstat().st_mode)
+        except FileNotFoundError:
+            return False
 
     def size(self, digest: str) -> int:
         return self.path_for(digest).stat().st_size
@@ -91,8 +146,7 @@ class BlobStore:
     def put_stream(self, source: BinaryIO, *, inspect: Inspect | None = None) -> StoredBlob:
         """Store the bytes of ``source`` (read to its end) and return their digest."""
         self.ensure()
-        fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.blobs_dir)
-        temp = Path(temp_name)
+        fd, temp = self._locked_temp()
         try:
             hasher = hashlib.sha256()
             size = 0
@@ -108,16 +162,19 @@ class BlobStore:
                     offset += os.write(fd, chunk[offset:])
                 size += n
             os.fsync(fd)
-            os.close(fd)
-            fd = -1
             digest = hasher.hexdigest()
             final = self.path_for(digest)
-            if final.is_file() and final.stat().st_size == size:
-                # Already stored. Touch it so that a concurrent gc (grace period) keeps it until
-                # the caller's database row that references it is committed.
-                os.utime(final)
-                temp.unlink()
-                return StoredBlob(digest, size, created=False)
+            if self._intact(final, digest, size):
+                try:
+                    # Already stored. Touch it so that a concurrent gc (grace period) keeps it until
+                    # the caller's database row that references it is committed.
+                    os.utime(final)
+                    temp.unlink()
+                    return StoredBlob(digest, size, created=False)
+                except FileNotFoundError:
+                    pass  # a gc removed it just now (or our temp file): store these bytes after all
+            # new, or a damaged copy (altered bytes, wrong size, not a regular file): the good bytes
+            # replace it atomically, so a re-add or an import heals the store
             os.chmod(temp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
             if not final.parent.is_dir():
                 final.parent.mkdir(parents=True, exist_ok=True)
@@ -126,13 +183,47 @@ class BlobStore:
             _fsync_dir(final.parent)
             return StoredBlob(digest, size, created=True)
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
             temp.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)
+
+    def _locked_temp(self) -> tuple[int, Path]:
+        """A new temp file in the store, open and locked. The lock is held until the file is renamed
+        or removed: gc removes only temp files whose lock it can take, i.e. those a dead writer
+        left (the kernel drops a process's locks with it). A gc may take the lock in the instant
+        between creating the file and locking it; then the file is gone, and another is made."""
+        while True:
+            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.blobs_dir)
+            _lock(fd)
+            try:
+                if os.stat(name).st_ino == os.fstat(fd).st_ino:
+                    return fd, Path(name)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    @staticmethod
+    def _intact(final: Path, digest: str, size: int) -> bool:
+        """Does ``final`` already hold exactly these bytes (a regular file of this size and digest)?"""
+        try:
+            info = final.lstat()
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            return False
+        try:
+            return sha256_file(final) == digest
+        except OSError:
+            return False
 
     def put_file(self, path: str | os.PathLike[str], *, inspect: Inspect | None = None) -> StoredBlob:
-        with open(path, "rb", buffering=0) as handle:
+        """Store a regular file (a symbolic link or special file is refused, never followed or read)."""
+        try:
+            handle = open_regular(path)
+        except NotRegularFile as error:
+            raise InvalidAdapter(f"{path}: {error.strerror}; refused") from None
+        with handle:
             return self.put_stream(handle, inspect=inspect)
 
     def put_bytes(self, data: bytes) -> StoredBlob:
@@ -158,6 +249,12 @@ class BlobStore:
             return str(error)
         return None
 
+    def _not_regular(self, digest: str) -> ChecksumMismatch:
+        return ChecksumMismatch(
+            f"blob sha256:{digest} in the store {self.root} is not a regular file (a FIFO, device, directory "
+            "or symbolic link); remove it and restore the blob from a copy"
+        )
+
     def path_verified(self, digest: str) -> Path:
         """The blob's path, after checking that its bytes still hash to ``digest``."""
         path = self.path_for(digest)
@@ -165,6 +262,8 @@ class BlobStore:
             actual = sha256_file(path)
         except FileNotFoundError:
             raise self._missing(digest) from None
+        except NotRegularFile:
+            raise self._not_regular(digest) from None
         if actual != digest:
             raise self._altered(digest, actual)
         return path
@@ -173,9 +272,12 @@ class BlobStore:
         """The blob's bytes, after checking that they still hash to ``digest``."""
         path = self.path_for(digest)
         try:
-            data = path.read_bytes()
+            with open_regular(path) as handle:
+                data = handle.read()
         except FileNotFoundError:
             raise self._missing(digest) from None
+        except NotRegularFile:
+            raise self._not_regular(digest) from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != digest:
             raise self._altered(digest, actual)
@@ -192,6 +294,20 @@ class BlobStore:
                 digest = sub.name + blob.name
                 if _DIGEST.match(digest) and blob.is_file():
                     yield digest
+
+    def remove_abandoned_temp(self, temp: Path) -> bool:
+        """Remove a temp file if no live writer holds it (its lock can be taken); True if removed."""
+        try:
+            fd = os.open(temp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            if not _try_lock(fd):
+                return False  # a write in flight
+            temp.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)
 
     def iter_temp_files(self) -> Iterator[Path]:
         if not self.blobs_dir.is_dir():

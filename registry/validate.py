@@ -14,9 +14,9 @@ Every failure raises one ``InvalidAdapter`` (or ``PickleRefused``) line naming t
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ from atmoe.adapter_format import (
     read_settings,
 )
 from atmoe.errors import InvalidAdapter, PickleRefused
+from atmoe.jsontext import JsonTextError, parse_json
 
 __all__ = [
     "CONFIG_FILE",
@@ -147,9 +148,9 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     except OSError as error:
         raise _fail(label, f"cannot be read ({error.strerror or error})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: absurd nesting
-        raise _fail(label, "corrupt: the safetensors header is not valid JSON") from None
+        header = parse_json(raw)
+    except JsonTextError as error:
+        raise _fail(label, f"corrupt: the safetensors header is not valid JSON ({error})") from None
     if not isinstance(header, dict):
         raise _fail(label, "corrupt: the safetensors header is not a JSON object")
 
@@ -303,11 +304,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise _fail(CONFIG_FILE, "is not UTF-8 text") from None
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _fail(CONFIG_FILE, f"is not valid JSON (line {error.lineno}: {error.msg})") from None
-    except RecursionError:
-        raise _fail(CONFIG_FILE, "is not valid JSON (nested too deeply)") from None
+        config = parse_json(text)
+    except JsonTextError as error:
+        raise _fail(CONFIG_FILE, f"is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise _fail(CONFIG_FILE, "is not a JSON object")
     return config
@@ -317,8 +316,28 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def adapter_files(path: Path) -> list[str]:
-    """The files an expert stores: the directory's regular top-level files, without dotfiles."""
-    return sorted(entry.name for entry in path.iterdir() if not entry.name.startswith(".") and entry.is_file())
+    """The files an expert stores: the directory's regular top-level files, without dotfiles.
+
+    A symbolic link (``notes.txt -> /etc/shadow``) or a special file (FIFO, device, socket) among them
+    is refused, never followed or read: an expert's files are its own bytes. Subdirectories are
+    not part of an adapter and are left alone.
+    """
+    names = []
+    for entry in path.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            raise InvalidAdapter(
+                f"{entry.name}: is a symbolic link; an adapter's files must be regular files "
+                "in its folder (copy the file there instead)"
+            )
+        mode = entry.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise InvalidAdapter(f"{entry.name}: is not a regular file (a FIFO, device or socket); refused")
+        names.append(entry.name)
+    return sorted(names)
 
 
 def validate_adapter(path: str | os.PathLike[str], *, check_values: bool = True) -> AdapterInfo:

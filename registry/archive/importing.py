@@ -82,7 +82,12 @@ def import_archive(
             _insert(session, groups, experts, compositions, result)
             return result
 
-        return registry.transact(work_rows)
+        rewrite = {digest: _rewriter(registry, path) for digest, path in staged.blobs.items()}
+        return registry.transact(work_rows, blobs=rewrite)
+
+
+def _rewriter(registry: Registry, path: Path) -> Any:
+    return lambda: registry.store.put_file(path)
 
 
 def _insert(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import lzma
 import re
 import tarfile
@@ -17,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from atmoe.errors import InvalidArchive
+from atmoe.jsontext import JsonTextError, parse_json
 from atmoe.registry.archive.layout import BLOB_MEMBER, BLOB_PREFIX, CHUNK, MANIFEST, MAX_MANIFEST_BYTES
 
 # -- import: reading the archive safely ----------------------------------------------------------------
@@ -120,9 +120,9 @@ def read_members(path: Path, staging: Path, *, max_members: int, max_member_size
     if manifest_bytes is None:
         raise bad(path, f"no {MANIFEST}: not an atmoe-reg archive")
     try:
-        manifest = json.loads(manifest_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise bad(path, f"{MANIFEST} is not valid JSON") from None
+        manifest = parse_json(manifest_bytes)
+    except JsonTextError as error:
+        raise bad(path, f"{MANIFEST} is not valid JSON ({error})") from None
     if not isinstance(manifest, dict):
         raise bad(path, f"{MANIFEST} is not a JSON object")
     return Staged(manifest=manifest, blobs=blobs)

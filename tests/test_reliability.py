@@ -1,0 +1,140 @@
+"""Reliability round 2, one test per class of bug (SQLite, or PostgreSQL under ATMOE_TEST_PG=1):
+damaged blobs are healed by good bytes, links and special files are never followed or read, an
+expert's versions stay in one group, ``--json`` is always JSON, and hostile JSON fails in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_lora import assert_one_line, invoke, ok, write_adapter  # noqa: E402
+
+from atmoe.registry import Registry  # noqa: E402
+from atmoe.registry.validate import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
+
+
+def _blob(registry: Registry, name: str, path: str = WEIGHTS_FILE) -> Path:
+    digest = next(f.sha256 for f in registry.get_expert(name).files or () if f.path == path)
+    return registry.store.path_for(digest)
+
+
+def _damage_same_size(blob: Path) -> None:
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("heal_by", ["add-expert", "import"])
+def test_a_same_size_corruption_is_healed_by_a_good_copy(tmp_path, heal_by):
+    adapter = write_adapter(tmp_path / "a", seed=1)
+    ok("add-expert", adapter, "--name", "x", "--group", "functional")
+    archive = tmp_path / "x.tar"
+    ok("export", "x", "--out", archive)
+    with Registry.open() as registry:
+        blob = _blob(registry, "x")
+    _damage_same_size(blob)
+    assert_one_line(invoke("verify"), 1, "altered on disk")
+    if heal_by == "add-expert":
+        result = ok("add-expert", adapter, "--name", "x", "--group", "functional")
+        assert "already x@1" in result.stderr  # still no new version
+    else:
+        ok("import", archive)
+    assert "OK:" in ok("verify").stderr
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_links_and_special_files_in_an_adapter_folder_are_refused(tmp_path, kind):
+    adapter = write_adapter(tmp_path / "a", seed=2)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the store")
+    if kind == "symlink":
+        (adapter / "notes.txt").symlink_to(secret)
+    else:
+        os.mkfifo(adapter / "notes.txt")
+    line = assert_one_line(invoke("add-expert", adapter, "--name", "x", "--group", "functional"), 1, "notes.txt")
+    assert "symbolic link" in line or "not a regular file" in line
+    with Registry.open() as registry:
+        assert registry.list_experts() == []
+        assert list(registry.store.iter_digests()) == []
+
+
+def test_a_weights_file_that_is_a_link_is_refused_too(tmp_path):
+    adapter = write_adapter(tmp_path / "a", seed=3)
+    real = tmp_path / "elsewhere.safetensors"
+    (adapter / WEIGHTS_FILE).rename(real)
+    (adapter / WEIGHTS_FILE).symlink_to(real)
+    assert_one_line(invoke("add-expert", adapter, "--name", "x", "--group", "functional"), 1, "symbolic link")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to /dev/zero"])
+def test_a_special_file_in_place_of_a_blob_fails_verify_and_builds_at_once(tmp_path, kind):
+    adapter = write_adapter(tmp_path / "a", seed=4)
+    ok("add-expert", adapter, "--name", "x", "--group", "functional")
+    with Registry.open() as registry:
+        blob = _blob(registry, "x")
+        blob.unlink()
+        if kind == "fifo":
+            os.mkfifo(blob)
+        else:
+            blob.symlink_to("/dev/zero")
+        outcome: dict = {}
+        worker = threading.Thread(target=lambda: outcome.update(problems=registry.verify()), daemon=True)
+        worker.start()
+        worker.join(timeout=20)
+        assert not worker.is_alive(), "verify hangs on a special file"
+        assert any("not a regular file" in str(p) for p in outcome["problems"])
+        from atmoe.errors import ChecksumMismatch
+
+        with pytest.raises(ChecksumMismatch, match="not a regular file"):
+            registry.store.open_verified(blob.parent.name + blob.name)
+
+
+def test_a_new_version_cannot_move_to_another_group(tmp_path):
+    ok("add-expert", write_adapter(tmp_path / "a", seed=5), "--name", "e", "--group", "functional")
+    assert_one_line(
+        invoke("add-expert", write_adapter(tmp_path / "b", seed=6), "--name", "e", "--group", "domain"),
+        1,
+        "expert 'e' is in group 'functional'",
+    )
+    with Registry.open() as registry:
+        assert [(e.ref, e.group) for e in registry.list_experts()] == [("e@1", "functional")]
+    ok("add-expert", write_adapter(tmp_path / "c", seed=7), "--name", "e", "--group", "functional")  # same group: fine
+
+
+def test_json_output_never_holds_nan_or_infinity(monkeypatch, capsys):
+    from atmoe.cli import output
+
+    output.print_json({"loss": float("nan"), "runs": [1.0, float("inf")], "ok": 0.5})
+    text = capsys.readouterr().out
+    assert json.loads(text) == {"loss": None, "runs": [1.0, None], "ok": 0.5}
+    assert "NaN" not in text and "Infinity" not in text
+    output.print_json([{"x": float("-inf")}] * (output.PLAIN_TABLE_ROWS + 1))
+    assert all(row == {"x": None} for row in json.loads(capsys.readouterr().out))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"r": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000, '{"lora_alpha": NaN}', "\udcff"],
+    ids=["a 5000-digit integer", "100k-deep nesting", "NaN", "not UTF-8"],
+)
+def test_hostile_json_fails_in_one_line_everywhere(tmp_path, text):
+    from atmoe.data import read_examples
+    from atmoe.errors import AtmoeError
+
+    raw = text.encode("utf-8", "surrogateescape")
+    adapter = write_adapter(tmp_path / "a", seed=8)
+    (adapter / CONFIG_FILE).write_bytes(raw)
+    assert_one_line(invoke("add-expert", adapter, "--name", "x", "--group", "functional"), 1, CONFIG_FILE)
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(b'{"prompt": "a", "response": "b"}\n' + raw + b"\n")
+    with pytest.raises(AtmoeError, match=r"train.jsonl(:2: invalid JSON|: not UTF-8)") as caught:
+        read_examples(data)
+    assert "\n" not in str(caught.value)
