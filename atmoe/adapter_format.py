@@ -179,15 +179,66 @@ def _flag(config: Mapping[str, Any], field_name: str) -> bool:
     return value
 
 
+MAX_PATTERN_LENGTH = 512
+MAX_MODULE_PATH = 1024  # characters of a module path in a tensor key (the deepest real ones are ~100)
+
+
+def _nested_repeat(items: Any, inside_repeat: bool = False) -> bool:
+    """Does a parsed regex repeat something that itself repeats or branches, as ``(a+)+`` or
+    ``(a|aa)*``? Those backtrack exponentially on a long non-matching name; flat ones do not."""
+    from re import _constants as c  # type: ignore[attr-defined]
+
+    repeat_ops = tuple(
+        getattr(c, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") if hasattr(c, name)
+    )
+    group_ops = tuple(getattr(c, name) for name in ("SUBPATTERN", "ATOMIC_GROUP") if hasattr(c, name))
+    for op, arg in items:
+        if op in repeat_ops:
+            low, high, body = arg
+            repeats = high is c.MAXREPEAT or high > 1
+            if repeats and inside_repeat:
+                return True
+            if _nested_repeat(body, inside_repeat or repeats):
+                return True
+        elif op == c.BRANCH:
+            if inside_repeat and len(arg[1]) > 1:
+                return True
+            if any(_nested_repeat(branch, inside_repeat) for branch in arg[1]):
+                return True
+        elif op in group_ops:
+            body = arg[-1]
+            if _nested_repeat(body, inside_repeat):
+                return True
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            if _nested_repeat(arg[1], inside_repeat):
+                return True
+    return False
+
+
+def _check_pattern(pattern: str, field_name: str) -> None:
+    """A module pattern must compile as PEFT uses it and match in bounded time."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise _config_error(f"{field_name} has a pattern of {len(pattern)} characters (at most {MAX_PATTERN_LENGTH})")
+    try:  # as get_pattern_key uses it: "(?i)" alone compiles, but not inside the suffix pattern
+        re.compile(rf"(.*\.)?({pattern})$")
+        from re import _parser  # type: ignore[attr-defined]
+
+        parsed = _parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        raise _config_error(f"{field_name} has an invalid pattern {pattern!r}") from None
+    if _nested_repeat(parsed.data):
+        raise _config_error(
+            f"{field_name} has the pattern {pattern!r}, which repeats a repetition or an alternative and can "
+            "take exponential time to match; write it without the nested quantifier"
+        )
+
+
 def _pattern(config: Mapping[str, Any], field_name: str, check) -> dict[str, Any]:
     value = config.get(field_name) or {}
     if not isinstance(value, dict):
         raise _config_error(f"{field_name} must be an object mapping module patterns to values")
     for pattern, entry in value.items():
-        try:  # as get_pattern_key uses it: "(?i)" alone compiles, but not inside the suffix pattern
-            re.compile(rf"(.*\.)?({pattern})$")
-        except re.error:
-            raise _config_error(f"{field_name} has an invalid pattern {pattern!r}") from None
+        _check_pattern(pattern, field_name)
         check(entry, f"{field_name}[{pattern!r}]")
     return dict(value)
 
@@ -280,6 +331,8 @@ def parse_key(name: str) -> TensorKey:
             f"tensor {name!r} does not start with {KEY_PREFIX!r}: not saved by PeftModel.save_pretrained "
             "(PEFT would not load it onto the base model)"
         )
+    if len(name) > len(KEY_PREFIX) + MAX_MODULE_PATH + 64:
+        raise _weights_error(f"tensor name of {len(name)} characters is too long to be a module path")
     segments = name[len(KEY_PREFIX) :].split(".")
     if not all(_SEGMENT.match(segment) for segment in segments):
         raise _weights_error(f"tensor name {name!r} is not a valid module path")

@@ -179,3 +179,24 @@ def test_missing_rank_and_alpha_take_peft_defaults():
 def test_the_key_grammar(key, module, part):
     parsed = parse_key(key)
     assert (parsed.module, parsed.part) == (module, part)
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+", "(a|aa)*", "((q_proj)*)*", "(.*a){2,}"])
+def test_patterns_that_backtrack_exponentially_are_refused_at_once(tmp_path, pattern):
+    """A rank_pattern such as (a+)+ would hang add-expert and import for minutes on a long module name."""
+    make_adapter(tmp_path)
+    _config(rank_pattern={pattern: 2})(tmp_path)
+    with pytest.raises(InvalidAdapter, match="exponential time"):
+        validate_adapter(tmp_path)
+    with pytest.raises(InvalidAdapter, match="exponential time"):
+        load_adapter(tmp_path)
+
+
+def test_flat_peft_patterns_are_accepted():
+    for pattern in [r"layers\.[01]\..*q_proj", r".*layer\.\d+\..*dense", "(q|v)_proj", r"(?:.*\.)?v_proj"]:
+        read_settings({"peft_type": "LORA", "rank_pattern": {pattern: 2}})
+
+
+def test_absurdly_long_module_paths_are_refused():
+    with pytest.raises(InvalidAdapter, match="too long"):
+        parse_key("base_model.model." + "a." * 2000 + "lora_A.weight")
