@@ -7,6 +7,7 @@ per routed block. Nothing here imports torch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from atmoe.errors import AtmoeError
 
@@ -46,7 +47,7 @@ def routing_document(blocks: Routing, *, block_names: Sequence[str] | None = Non
     }
 
 
-def routing_table(blocks: Routing, expert_groups: Mapping[str, str], *, title: str = "routing"):
+def routing_table(blocks: Routing, expert_groups: Mapping[str, str], *, title: Any = "routing"):
     """A rich table: one row per block, one column per expert (grouped), shaded by weight."""
     from rich.table import Table
 

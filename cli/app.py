@@ -41,7 +41,10 @@ class State:
 
 
 def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """One line, control characters escaped (an error may quote catalog text or a file's bytes)."""
+    from atmoe.cli.output import plain
+
+    return plain(" ".join(str(text).split()))
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -94,13 +95,23 @@ def stdout_console() -> Any:
     return Console(file=sys.stdout, width=_width(), highlight=False, soft_wrap=False)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(text: str) -> str:
+    """Catalog text made safe for a terminal: control characters (ESC and OSC sequences, BEL, C1
+    codes...) shown as ``\\xNN`` instead of being sent; tabs and newlines kept. Data reaches the
+    screen only through this, and as rich ``Text``, never as markup: a tag ``[/bold]`` is text."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
 def message(text: str, *, style: str | None = None) -> None:
-    """A one-line message on stderr (rich markup is not interpreted)."""
-    console().print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+    """A one-line message on stderr (rich markup is not interpreted, control characters escaped)."""
+    console().print(plain(text), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 def warn(text: str) -> None:
-    console().print(f"Warning: {text}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    console().print(f"Warning: {plain(text)}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 def cell(value: Any) -> str:
@@ -120,8 +131,11 @@ def cell(value: Any) -> str:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> None:
-    """A table on stdout: rich for normal sizes, aligned plain text for very long listings."""
-    text_rows = [[v if type(v) is str else cell(v) for v in row] for row in rows]
+    """A table on stdout: rich for normal sizes, aligned plain text for very long listings. Cells are
+    text, never markup, with control characters escaped (``plain``)."""
+    from rich.text import Text
+
+    text_rows = [[plain(v if type(v) is str else cell(v)) for v in row] for row in rows]
     if len(text_rows) > PLAIN_TABLE_ROWS:
         widths = [max(len(c), *(len(r[i]) for r in text_rows)) for i, c in enumerate(columns)]
         lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
@@ -130,23 +144,24 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title:
         return
     from rich.table import Table
 
-    table = Table(title=title, header_style="bold", box=None, pad_edge=False)
+    table = Table(title=Text(plain(title)) if title else None, header_style="bold", box=None, pad_edge=False)
     for column in columns:
         table.add_column(column.upper(), overflow="fold")
     for row in text_rows:
-        table.add_row(*row)
+        table.add_row(*(Text(v) for v in row))
     stdout_console().print(table)
 
 
 def print_fields(fields: Sequence[tuple[str, Any]]) -> None:
     """Key / value lines on stdout (``show``)."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in fields:
-        table.add_row(key, cell(value))
+        table.add_row(Text(plain(key)), Text(plain(cell(value))))
     stdout_console().print(table)
 
 

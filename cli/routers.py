@@ -152,7 +152,10 @@ def _routing_out(
     if as_json:
         output.print_json(document)
         return
-    output.stdout_console().print(routing_table(blocks, expert_groups, title=f"{label}: {prompt}"))
+    from rich.text import Text
+
+    title = Text(output.plain(f"{label}: {prompt}"))  # the prompt is text, not markup
+    output.stdout_console().print(routing_table(blocks, expert_groups, title=title))
     summary = document["summary"]
     top = max(summary["experts"], key=summary["experts"].get)
     output.message(
@@ -205,8 +208,8 @@ def generate(ref, prompt, router, force, base_model, max_new_tokens, as_json) ->
     registry.check_force(ref, weights)
     built = registry.build(_with_router(ref, router), base_model=base_model)
 
-    def stream(text: str) -> None:
-        sys.stdout.write(text)
+    def stream(text: str) -> None:  # the model's text is data: control characters shown, not sent
+        sys.stdout.write(output.plain(text))
         sys.stdout.flush()
 
     answer, document = generate_text(

@@ -138,3 +138,24 @@ def test_hostile_json_fails_in_one_line_everywhere(tmp_path, text):
     with pytest.raises(AtmoeError, match=r"train.jsonl(:2: invalid JSON|: not UTF-8)") as caught:
         read_examples(data)
     assert "\n" not in str(caught.value)
+
+
+def test_catalog_text_reaches_the_terminal_as_text_never_markup_or_escapes(tmp_path):
+    """A tag '[/bold]' crashed `list` for the whole catalog; ESC/OSC sequences reached the terminal."""
+    hostile = "[/bold]\x1b]0;owned\x07\x1b[31mred"
+    ok("add-expert", write_adapter(tmp_path / "a", seed=9), "--name", "x", "--group", "functional",
+       "--tag", f"note={hostile}", "--description", hostile)  # fmt: skip
+    for args in (("list",), ("show", "x"), ("groups",)):
+        result = ok(*args)
+        assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    shown = ok("show", "x").stdout
+    assert "[/bold]" in shown and "\\x1b" in shown  # the text itself, visibly escaped
+    record = json.loads(ok("show", "x", "--json").stdout)  # --json stays exact
+    assert record["description"] == hostile and record["tags"] == {"note": hostile}
+
+
+def test_plain_escapes_control_characters_and_leaves_markup_as_text():
+    from atmoe.cli.output import plain
+
+    assert plain("a[/bold]\x1b[2Jb\tc\n") == "a[/bold]\\x1b[2Jb\tc\n"
+    assert plain("\x9b31m") == "\\x9b31m"  # C1 control characters too
