@@ -51,6 +51,10 @@ class GroupNotFound(NotFound):
     """A group that the catalog does not know."""
 
 
+class StoreMismatch(AtmoeError):
+    """A blob store that belongs to another catalog (or a new database over a store full of blobs)."""
+
+
 class GroupConflict(AtmoeError, ValueError):
     """A new version of an expert in another group than its earlier versions."""
 

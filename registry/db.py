@@ -25,10 +25,19 @@ from atmoe.registry.netfs import default_warn, warn_network_filesystem
 __all__ = ["default_warn", "warn_network_filesystem"]  # re-exported: Registry.open takes them from here
 
 # Every revision this tool knows, oldest first (tests/test_migrations.py checks this against Alembic).
-KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002")
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")
 HEAD = KNOWN_REVISIONS[-1]
 REGISTRY_TABLES = frozenset(
-    {"groups", "experts", "expert_files", "compositions", "composition_experts", "routers", "router_aliases"}
+    {
+        "groups",
+        "experts",
+        "expert_files",
+        "compositions",
+        "composition_experts",
+        "routers",
+        "router_aliases",
+        "catalog_identity",
+    }
 )
 UPGRADE_HINT = "run atmoe-reg db upgrade"
 BUSY_TIMEOUT_MS = 30_000
@@ -163,6 +172,12 @@ def check_revision(connection: Connection) -> str | None:
     if revision in KNOWN_REVISIONS:
         raise SchemaMismatch(f"database schema is at revision {revision}, this atmoe-reg needs {HEAD}: {UPGRADE_HINT}")
     raise _unknown(revision)
+
+
+def is_blank(engine: Engine) -> bool:
+    """No registry schema yet (a new database: ``ensure_schema`` would create it)."""
+    with engine.connect() as connection:
+        return not _has_registry_tables(connection) and current_revision(connection) is None
 
 
 def ensure_schema(engine: Engine) -> str:

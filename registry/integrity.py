@@ -151,6 +151,8 @@ def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600)
     if grace_seconds < 0:
         raise UsageError(f"--grace must be >= 0 seconds, not {grace_seconds}")
     report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
+    if not dry_run:
+        registry.check_store_is_ours()
     store = registry.store
     with registry.session() as session:
         referenced = referenced_digests(session)

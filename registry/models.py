@@ -65,6 +65,16 @@ class Base(DeclarativeBase):
     }
 
 
+class CatalogIdentity(Base):
+    """One row: the id of this catalog. Its blob store records the same id (``store/catalog-id``),
+    so that gc never runs a store against a catalog that is not its own."""
+
+    __tablename__ = "catalog_identity"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Group(Base):
     __tablename__ = "groups"
 

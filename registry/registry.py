@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from atmoe.config import AtmoeConfig
-from atmoe.errors import UsageError
+from atmoe.errors import StoreMismatch, UsageError
 from atmoe.registry import db, experts, integrity
 from atmoe.registry import groups as group_service
 from atmoe.registry.config import Settings, resolve
@@ -68,16 +68,58 @@ class Registry:
         """
         settings = resolve(home, db_url, store)
         settings.home.mkdir(parents=True, exist_ok=True)
+        sqlite_file = db.sqlite_path(settings.db_url)
+        existed = sqlite_file is None or sqlite_file.exists()
         engine = db.create_registry_engine(settings.db_url, warn=warn)
         registry = cls(settings, engine, BlobStore(settings.store))
+        refused_blank = False
         try:
             registry.store.ensure()
             if check_schema:
+                if db.is_blank(engine) and registry.store.holds_blobs():
+                    refused_blank = True
+                    raise StoreMismatch(
+                        f"the database {engine.url.render_as_string(hide_password=True)} is new, but the store "
+                        f"{registry.store.root} already holds blobs (of catalog "
+                        f"{registry.store.catalog_id() or 'unknown'}): restore that catalog's database, point "
+                        "--db at it, or use an empty --store; nothing was created"
+                    )
                 db.ensure_schema(engine)
+                registry._adopt_store()
         except BaseException:
             engine.dispose()
+            if refused_blank and not existed and sqlite_file is not None:
+                # refused before any table was made: leave no empty database file behind either
+                for path in (sqlite_file, sqlite_file.with_name(sqlite_file.name + "-wal"),
+                             sqlite_file.with_name(sqlite_file.name + "-shm")):  # fmt: skip
+                    path.unlink(missing_ok=True)
             raise
         return registry
+
+    @property
+    def catalog_id(self) -> str:
+        """This catalog's id (recorded in its database and in its store's ``catalog-id``)."""
+        from sqlalchemy import select
+
+        from atmoe.registry.models import CatalogIdentity
+
+        with self.session() as session:
+            return session.scalars(select(CatalogIdentity.id)).one()
+
+    def _adopt_store(self) -> None:
+        """An unmarked store (new, or from before catalog ids) becomes this catalog's."""
+        if self.store.catalog_id() is None:
+            self.store.mark(self.catalog_id)
+
+    def check_store_is_ours(self) -> None:
+        """Refuse (``StoreMismatch``) when the store belongs to another catalog: gc would delete
+        every blob of that catalog as unreferenced."""
+        theirs, ours = self.store.catalog_id(), self.catalog_id
+        if theirs != ours:
+            raise StoreMismatch(
+                f"the store {self.store.root} belongs to catalog {theirs or 'unknown'}, not to this database's "
+                f"catalog {ours}: gc --apply would delete that catalog's blobs; use the store of this catalog"
+            )
 
     def __repr__(self) -> str:
         return f"Registry(db={self.engine.url!r}, store={str(self.store.root)!r})"

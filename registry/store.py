@@ -23,6 +23,7 @@ from atmoe.errors import ChecksumMismatch, InvalidAdapter, UsageError
 
 CHUNK_SIZE = 1 << 20
 TEMP_PREFIX = ".tmp-"
+CATALOG_MARKER = "catalog-id"  # the id of the catalog the store belongs to
 ALGORITHM = "sha256"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -126,6 +127,33 @@ class BlobStore:
 
     def ensure(self) -> None:
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- the catalog this store belongs to -------------------------------------------------------
+    @property
+    def marker_path(self) -> Path:
+        return self.root / CATALOG_MARKER
+
+    def catalog_id(self) -> str | None:
+        """The id of the catalog this store belongs to (``store/catalog-id``), None if unmarked."""
+        try:
+            text = self.marker_path.read_text(encoding="ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return text if re.fullmatch(r"[0-9a-f]{32}", text) else None
+
+    def mark(self, catalog_id: str) -> None:
+        """Record ``catalog_id`` as this store's catalog (atomically)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=self.root)
+        try:
+            os.write(fd, (catalog_id + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, self.marker_path)
+
+    def holds_blobs(self) -> bool:
+        return next(iter(self.iter_digests()), None) is not None
 
     # -- paths -------------------------------------------------------------------------------
     def path_for(self, digest: str) -> Path:

@@ -143,6 +143,7 @@ def adapter_copy(adapters: dict[str, Path], tmp_path: Path) -> Callable[[str], P
 
 REGISTRY_TABLES = (
     "groups", "experts", "expert_files", "compositions", "composition_experts", "routers", "router_aliases",
+    "catalog_identity",
 )  # fmt: skip
 
 
@@ -169,7 +170,11 @@ def registry_snapshot(db_url: str | None = None, store: Path | None = None) -> d
     finally:
         engine.dispose()
     files = (
-        sorted(str(p.relative_to(settings.store)) for p in settings.store.rglob("*") if p.is_file())
+        sorted(
+            str(p.relative_to(settings.store))
+            for p in settings.store.rglob("*")
+            if p.is_file() and p.name != "catalog-id"  # the store's catalog marker, not a blob
+        )
         if settings.store.exists()
         else []
     )

@@ -423,16 +423,25 @@ def test_database_on_a_network_filesystem_warns_and_points_to_postgresql(
 
     database = catalog["root"] / "on-nfs" / "registry.db"
     url = f"sqlite:///{database}"
+    store = str(catalog["root"] / "on-nfs" / "store")  # a catalog of its own: its own store
     monkeypatch.setattr(netfs, "network_filesystem", lambda _path: "nfs4")
-    ok("--db", url, "init")
+    ok("--db", url, "--store", store, "init")
     cases: list[Case] = [
-        ("list", ("--db", url, "list", "--json"), 0, "network filesystem (nfs4)"),
-        ("groups", ("--db", url, "groups", "--json"), 0, "use PostgreSQL (--db postgresql+psycopg://"),
+        ("list", ("--db", url, "--store", store, "list", "--json"), 0, "network filesystem (nfs4)"),
+        (
+            "groups",
+            ("--db", url, "--store", store, "groups", "--json"),
+            0,
+            "use PostgreSQL (--db postgresql+psycopg://",
+        ),
     ]
     for label, args, code, fragment in cases:  # the warning comes once per process and path
         monkeypatch.setattr(netfs, "_warned", set())
         _run_cases(
-            "network filesystem", [(label, args, code, fragment)], lambda: snapshot(db_url=url), prefix="Warning: "
+            "network filesystem",
+            [(label, args, code, fragment)],
+            lambda: snapshot(db_url=url, store=Path(store)),
+            prefix="Warning: ",
         )
     with create_engine(url).connect() as connection:  # no WAL where shared memory is not shared
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() != "wal"

@@ -63,7 +63,7 @@ def test_init_is_idempotent(atmoe_home: Path, snapshot: Callable[[], Any]) -> No
     first = ok("init")
     assert "Registry ready" in first.stderr
     state = snapshot()
-    assert state["rows"]["groups"] == 4 and state["rows"]["revision"] == "0002"
+    assert state["rows"]["groups"] == 4 and state["rows"]["revision"] == "0003"
     assert (atmoe_home / "store").is_dir()
     ok("init")
     assert snapshot() == state

@@ -159,3 +159,39 @@ def test_plain_escapes_control_characters_and_leaves_markup_as_text():
 
     assert plain("a[/bold]\x1b[2Jb\tc\n") == "a[/bold]\\x1b[2Jb\tc\n"
     assert plain("\x9b31m") == "\\x9b31m"  # C1 control characters too
+
+
+def test_gc_refuses_a_store_that_is_not_its_catalogs(tmp_path, monkeypatch):
+    """A second home whose ATMOE_STORE points at the first home's store: gc --apply there would
+    delete every blob of the first catalog."""
+    ok("add-expert", write_adapter(tmp_path / "a", seed=10), "--name", "x", "--group", "functional")
+    with Registry.open() as first:
+        store = first.store.root
+        blobs = sorted(first.store.iter_digests())
+    other = tmp_path / "other-home"
+    other.mkdir()
+    (other / "store").mkdir()
+    second = ("--home", other, "--db", f"sqlite:///{other / 'registry.db'}")  # a catalog of its own
+    ok(*second, "init")  # with its own (marked) store
+    import shutil
+
+    shutil.rmtree(other / "store")
+    (other / "store").symlink_to(store)  # now its store is the first catalog's
+    line = assert_one_line(invoke(*second, "gc", "--apply", "--grace", "0"), 1, "belongs to catalog")
+    assert "would delete" in line
+    with Registry.open() as first:
+        assert sorted(first.store.iter_digests()) == blobs and first.verify() == []
+
+
+def test_a_deleted_database_is_not_silently_recreated_over_a_full_store(tmp_path, sqlite_only):
+    ok("add-expert", write_adapter(tmp_path / "a", seed=11), "--name", "x", "--group", "functional")
+    with Registry.open() as first:
+        database, blobs = first.home / "registry.db", sorted(first.store.iter_digests())
+    database.unlink()
+    for suffix in ("-wal", "-shm"):
+        database.with_name(database.name + suffix).unlink(missing_ok=True)
+    assert_one_line(invoke("gc", "--apply", "--grace", "0"), 1, "is new, but the store")
+    assert not database.exists()  # nothing was created
+    from atmoe.registry.store import BlobStore
+
+    assert sorted(BlobStore(database.parent / "store").iter_digests()) == blobs
