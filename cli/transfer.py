@@ -9,7 +9,7 @@ from atmoe.cli.app import get_registry, main
 from atmoe.cli.options import json_option
 
 
-def _size(text: str) -> int:
+def _size(text: str, flag: str) -> int:
     """``4G``, ``512M``, ``100k`` or a number of bytes."""
     from atmoe.errors import UsageError
 
@@ -17,7 +17,7 @@ def _size(text: str) -> int:
     value = text.strip().lower().removesuffix("b").removesuffix("i")
     number, unit = (value[:-1], value[-1]) if value[-1:] in units and value[-1:] else (value, "")
     if not number.isdigit():
-        raise UsageError(f"--max-member-size {text!r}: expected bytes, e.g. 4G, 512M or 1048576")
+        raise UsageError(f"{flag} {text!r}: expected bytes, e.g. 4G, 512M or 1048576")
     return int(number) * units[unit]
 
 
@@ -66,9 +66,18 @@ def export(refs: tuple[str, ...], out: str, everything: bool, as_json: bool) -> 
     metavar="SIZE",
     help="Refuse an archive with a member larger than this (bytes, or 512M, 4G, ...).",
 )
+@click.option(
+    "--max-total-size",
+    default="64G",
+    show_default=True,
+    metavar="SIZE",
+    help="Refuse an archive whose members add up to more than this, uncompressed (bytes, or 512M, 4G, ...).",
+)
 @click.option("--dry-run", is_flag=True, help="Check the whole archive, write nothing.")
 @json_option
-def import_command(archive: str, max_members: int, max_member_size: str, dry_run: bool, as_json: bool) -> None:
+def import_command(
+    archive: str, max_members: int, max_member_size: str, max_total_size: str, dry_run: bool, as_json: bool
+) -> None:
     """Check an archive completely (paths, links, sizes, checksums, adapters), then add what it holds.
 
     Experts already present with the same content are reused; new content under a known name becomes
@@ -77,7 +86,12 @@ def import_command(archive: str, max_members: int, max_member_size: str, dry_run
     from atmoe.registry.archive import import_archive
 
     report = import_archive(
-        get_registry(), archive, max_members=max_members, max_member_size=_size(max_member_size), dry_run=dry_run
+        get_registry(),
+        archive,
+        max_members=max_members,
+        max_member_size=_size(max_member_size, "--max-member-size"),
+        max_total_size=_size(max_total_size, "--max-total-size"),
+        dry_run=dry_run,
     )
     if as_json:
         output.print_json(report.to_dict())

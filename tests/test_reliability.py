@@ -195,3 +195,75 @@ def test_a_deleted_database_is_not_silently_recreated_over_a_full_store(tmp_path
     from atmoe.registry.store import BlobStore
 
     assert sorted(BlobStore(database.parent / "store").iter_digests()) == blobs
+
+
+def _exported(tmp_path: Path) -> tuple[Path, dict]:
+    ok("add-expert", write_adapter(tmp_path / "a", seed=12), "--name", "x", "--group", "functional")
+    archive = tmp_path / "x.tar"
+    ok("export", "x", "--out", archive)
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+        blobs = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name != "manifest.json"}
+    return archive, {"manifest": manifest, "blobs": blobs}
+
+
+def _write_archive(path: Path, manifest: dict | bytes, blobs: dict[str, bytes]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        data = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
+        for name, payload in [("manifest.json", data), *blobs.items()]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _fresh_target(tmp_path: Path) -> tuple[str, ...]:
+    target = tmp_path / "target"
+    return ("--home", target, "--db", f"sqlite:///{target / 'registry.db'}")
+
+
+def test_import_stores_only_the_blobs_its_rows_reference(tmp_path):
+    import hashlib
+
+    _, parts = _exported(tmp_path)
+    padding = {}
+    for i in range(50):  # members nothing references: checked, never stored
+        payload = f"padding {i}".encode()
+        digest = hashlib.sha256(payload).hexdigest()
+        padding[f"blobs/sha256/{digest}"] = payload
+        parts["manifest"]["members"][f"blobs/sha256/{digest}"] = {"sha256": digest, "size": len(payload)}
+    archive = _write_archive(tmp_path / "padded.tar", parts["manifest"], {**parts["blobs"], **padding})
+    target = _fresh_target(tmp_path)
+    ok(*target, "import", archive)
+    from atmoe.registry.store import BlobStore
+
+    stored = set(BlobStore(tmp_path / "target" / "store").iter_digests())
+    assert stored == {name.rsplit("/", 1)[1] for name in parts["blobs"]}
+
+
+def test_import_bounds_the_uncompressed_total_and_the_manifest(tmp_path):
+    archive, parts = _exported(tmp_path)
+    target = _fresh_target(tmp_path)
+    assert_one_line(invoke(*target, "import", archive, "--max-total-size", "1k"), 1, "--max-total-size")
+    bomb = b'{"format": "atmoe-archive", "pad": [' + b"{}," * 2_500_000 + b"{}]}"
+    bombed = _write_archive(tmp_path / "bomb.tar", bomb, {})
+    assert_one_line(invoke(*target, "import", bombed), 1, "JSON objects and lists")
+    assert not (tmp_path / "target" / "store" / "sha256").exists() or not any(
+        (tmp_path / "target" / "store" / "sha256").iterdir()
+    )
+
+
+def test_import_refuses_what_the_database_would_refuse_before_any_blob_is_written(tmp_path):
+    _, parts = _exported(tmp_path)
+    parts["manifest"]["experts"][0]["description"] = "nul \x00 inside"
+    archive = _write_archive(tmp_path / "nul.tar", parts["manifest"], parts["blobs"])
+    target = _fresh_target(tmp_path)
+    assert_one_line(invoke(*target, "import", archive), 1, "NUL")
+    from atmoe.registry.store import BlobStore
+
+    assert list(BlobStore(tmp_path / "target" / "store").iter_digests()) == []

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from atmoe.errors import ChecksumMismatch, InvalidArchive, UsageError
-from atmoe.registry.archive.layout import DEFAULT_MAX_MEMBER_SIZE, DEFAULT_MAX_MEMBERS
+from atmoe.registry.archive.layout import DEFAULT_MAX_MEMBER_SIZE, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_SIZE
 from atmoe.registry.archive.manifest import PlannedExpert, check_manifest
 from atmoe.registry.archive.reading import read_members
 
@@ -50,12 +50,16 @@ def import_archive(
     *,
     max_members: int = DEFAULT_MAX_MEMBERS,
     max_member_size: int = DEFAULT_MAX_MEMBER_SIZE,
+    max_total_size: int = DEFAULT_MAX_TOTAL_SIZE,
     dry_run: bool = False,
 ) -> ImportReport:
-    """Check all of ``path`` first, then store its blobs and insert its rows (see the module doc)."""
+    """Check all of ``path`` first, then store its blobs and insert its rows (see the module doc).
+
+    Only the blobs that the archive's rows reference are stored: members nothing references (a
+    padded archive) are checked and dropped, never written to the store."""
     archive = Path(path)
-    if max_members < 1 or max_member_size < 0:
-        raise UsageError("--max-members must be >= 1 and --max-member-size >= 0")
+    if max_members < 1 or max_member_size < 0 or max_total_size < 0:
+        raise UsageError("--max-members must be >= 1, --max-member-size and --max-total-size >= 0")
     if not archive.is_file():
         raise InvalidArchive(f"{archive}: no such file")
     report = ImportReport(path=str(archive), dry_run=dry_run)
@@ -64,25 +68,30 @@ def import_archive(
         work = Path(temp) / "experts"
         staging.mkdir()
         work.mkdir()
-        staged = read_members(archive, staging, max_members=max_members, max_member_size=max_member_size)
+        staged = read_members(
+            archive, staging, max_members=max_members, max_member_size=max_member_size, max_total_size=max_total_size
+        )
         groups, experts, compositions = check_manifest(staged, archive, work)
-        report.blobs = len(staged.blobs)
+        referenced = {sha for planned in experts for _, sha, _ in planned.files}
+        referenced |= {r["blob_digest"] for c in compositions for r in c.get("routers", [])}
+        wanted = {digest: staged_path for digest, staged_path in staged.blobs.items() if digest in referenced}
+        report.blobs = len(wanted)
         if dry_run:
             report.experts_added = [f"{p.row['name']}@{p.row['version']}" for p in experts]
             report.compositions_added = [f"{c['name']}@{c['version']}" for c in compositions]
             return report
         # blobs first (the store hashes them again); rows only once every blob is in place
-        for digest, staged_path in sorted(staged.blobs.items()):
+        for digest, staged_path in sorted(wanted.items()):
             stored = registry.store.put_file(staged_path)
             if stored.digest != digest:  # pragma: no cover - the staging area changed under us
                 raise ChecksumMismatch(f"staged blob sha256:{digest} changed while it was imported")
 
         def work_rows(session: Session) -> ImportReport:
-            result = ImportReport(path=str(archive), blobs=len(staged.blobs))
+            result = ImportReport(path=str(archive), blobs=len(wanted))
             _insert(session, groups, experts, compositions, result)
             return result
 
-        rewrite = {digest: _rewriter(registry, path) for digest, path in staged.blobs.items()}
+        rewrite = {digest: _rewriter(registry, path) for digest, path in wanted.items()}
         return registry.transact(work_rows, blobs=rewrite)
 
 

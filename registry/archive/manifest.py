@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -106,6 +107,8 @@ class _Check:
             return None
         if not isinstance(value, str) or len(value) > limit:
             raise self.fail(where, f"must be a string of at most {limit} characters")
+        if "\x00" in value:  # PostgreSQL refuses NUL in text: refused here, before any blob is written
+            raise self.fail(where, "holds a NUL character")
         return value
 
     def integer(self, value: Any, where: str, *, minimum: int = 0) -> int:
@@ -148,8 +151,12 @@ class _Check:
         return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
     def plain(self, value: Any, where: str) -> dict[str, Any]:
-        """A JSON object of plain data (hyperparameters, metrics, ...)."""
-        return self.obj(value if value is not None else {}, where)
+        """A JSON object of plain data (hyperparameters, metrics, ...), with no NUL in any string
+        (PostgreSQL refuses NUL in JSON text: refused here, before any blob is written)."""
+        checked = self.obj(value if value is not None else {}, where)
+        if "\\u0000" in json.dumps(checked):
+            raise self.fail(where, "holds a NUL character")
+        return checked
 
 
 @dataclass

@@ -17,7 +17,15 @@ from typing import IO, Any
 
 from atmoe.errors import InvalidArchive
 from atmoe.jsontext import JsonTextError, parse_json
-from atmoe.registry.archive.layout import BLOB_MEMBER, BLOB_PREFIX, CHUNK, MANIFEST, MAX_MANIFEST_BYTES
+from atmoe.registry.archive.layout import (
+    BLOB_MEMBER,
+    BLOB_PREFIX,
+    CHUNK,
+    DEFAULT_MAX_TOTAL_SIZE,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_CONTAINERS,
+)
 
 # -- import: reading the archive safely ----------------------------------------------------------------
 
@@ -75,10 +83,13 @@ class Staged:
     blobs: dict[str, Path]  # digest -> staged file
 
 
-def read_members(path: Path, staging: Path, *, max_members: int, max_member_size: int) -> Staged:
+def read_members(
+    path: Path, staging: Path, *, max_members: int, max_member_size: int, max_total_size: int = DEFAULT_MAX_TOTAL_SIZE
+) -> Staged:
     manifest_bytes: bytes | None = None
     blobs: dict[str, Path] = {}
     seen: set[str] = set()
+    total_size = 0
     try:
         tar = tarfile.open(path, "r:*")
     except _CORRUPT as error:
@@ -91,6 +102,9 @@ def read_members(path: Path, staging: Path, *, max_members: int, max_member_size
                 if count > max_members:
                     raise bad(path, f"more than {max_members} members (--max-members)")
                 name = check_member_header(member, max_member_size=max_member_size)
+                total_size += member.size
+                if total_size > max_total_size:  # a decompression bomb stops here, before it is staged
+                    raise bad(path, f"members of more than {max_total_size} bytes in all (--max-total-size)")
                 if name in seen:
                     raise bad(path, f"member {name!r} appears twice")
                 seen.add(name)
@@ -119,6 +133,9 @@ def read_members(path: Path, staging: Path, *, max_members: int, max_member_size
             raise bad(path, f"corrupt or truncated archive ({one_line(error)})") from None
     if manifest_bytes is None:
         raise bad(path, f"no {MANIFEST}: not an atmoe-reg archive")
+    containers = manifest_bytes.count(b"{") + manifest_bytes.count(b"[")
+    if containers > MAX_MANIFEST_CONTAINERS:
+        raise bad(path, f"{MANIFEST} opens {containers} JSON objects and lists, more than {MAX_MANIFEST_CONTAINERS}")
     try:
         manifest = parse_json(manifest_bytes)
     except JsonTextError as error:
