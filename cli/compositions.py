@@ -87,6 +87,15 @@ def compositions(ctx: click.Context, name: str | None, as_json: bool) -> None:
     )
 
 
+@compositions.command("remove")
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Remove every version of a bare NAME, and aliases pointing at its routers.")
+def remove(ref: str, force: bool) -> None:
+    """Remove a composition version and its routers (the experts it pinned can then be removed)."""
+    removed = get_registry().remove_composition(ref, force=force)
+    output.message(f"Removed {', '.join(removed)} and its routers; run `atmoe-reg gc --apply` to free router blobs")
+
+
 @compositions.command("show")
 @click.argument("ref")
 @json_option

@@ -11,16 +11,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from atmoe.config import AtmoeConfig
-from atmoe.errors import CompositionNotFound, GroupNotFound, InvalidComposition, UsageError
+from atmoe.errors import CompositionNotFound, GroupNotFound, InUse, InvalidComposition, UsageError
 from atmoe.registry.experts import get_expert
 from atmoe.registry.models import Composition, CompositionExpert, Expert, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
 from atmoe.registry.records import CompositionRecord
+
+if TYPE_CHECKING:
+    from atmoe.registry.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -222,3 +226,46 @@ def check_forced_names(composition: Composition, weights) -> None:
             f"--force names {', '.join(repr(n) for n in unknown)}, not an expert of {composition.ref} "
             f"(experts: {', '.join(known)})"
         )
+
+
+def remove_composition(registry: Registry, ref: str, *, force: bool = False) -> list[str]:
+    """Remove composition versions and their routers; returns the removed ``name@version`` refs.
+
+    ``NAME@VERSION`` removes that version; a bare ``NAME`` the only version, or every version with
+    ``force``. Refused (``InUse``) while an alias points at one of their routers, unless ``force``.
+    The experts it pinned can then be removed; router blobs stay in the store until ``gc``.
+    """
+    from sqlalchemy import delete
+
+    from atmoe.registry.models import Router, RouterAlias
+
+    parsed = parse_ref(ref)
+    if parsed.router is not None:
+        raise UsageError(f"{ref!r} names a router; remove a composition by NAME or NAME@VERSION")
+
+    def work(session: Session) -> list[str]:
+        if parsed.version is not None or "@" in ref:
+            rows = [get_composition(session, parsed)]
+        else:
+            rows = list(session.scalars(select(Composition).where(Composition.name == parsed.name)
+                                        .order_by(Composition.version)))  # fmt: skip
+            if not rows:
+                get_composition(session, parsed)  # raises CompositionNotFound
+            if len(rows) > 1 and not force:
+                versions = ", ".join(str(c.version) for c in rows)
+                raise UsageError(f"composition {parsed.name!r} has versions {versions}: name one as "
+                                 f"{parsed.name}@VERSION, or pass --force to remove them all")  # fmt: skip
+        ids = [c.id for c in rows]
+        router_ids = list(session.scalars(select(Router.id).where(Router.composition_id.in_(ids))))
+        aliases = list(session.scalars(select(RouterAlias.alias).where(RouterAlias.router_id.in_(router_ids))))
+        if aliases and not force:
+            raise InUse(f"alias {', '.join(sorted(aliases))} points at a router of "
+                        f"{', '.join(c.ref for c in rows)}; move it, or pass --force to remove it too")  # fmt: skip
+        removed = [c.ref for c in rows]
+        session.execute(delete(RouterAlias).where(RouterAlias.router_id.in_(router_ids)))
+        session.execute(delete(Router).where(Router.composition_id.in_(ids)))
+        session.execute(delete(CompositionExpert).where(CompositionExpert.composition_id.in_(ids)))
+        session.execute(delete(Composition).where(Composition.id.in_(ids)))
+        return removed
+
+    return registry.transact(work, attempts=1)

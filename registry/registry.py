@@ -347,6 +347,12 @@ class Registry:
         with self.session() as session:
             return compositions.composition_record(compositions.get_composition(session, ref))
 
+    def remove_composition(self, ref: str, force: bool = False) -> list[str]:
+        """Remove composition versions and their routers (see ``compositions.remove_composition``)."""
+        from atmoe.registry import compositions
+
+        return compositions.remove_composition(self, ref, force=force)
+
     def check_force(self, ref: str, weights: Mapping[str, float] | None) -> None:
         """Refuse forced weights naming experts outside the composition, before any model is built."""
         if not weights:

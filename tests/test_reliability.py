@@ -267,3 +267,29 @@ def test_import_refuses_what_the_database_would_refuse_before_any_blob_is_writte
     from atmoe.registry.store import BlobStore
 
     assert list(BlobStore(tmp_path / "target" / "store").iter_digests()) == []
+
+
+def test_compositions_can_be_removed_with_their_routers_then_their_experts(tmp_path):
+    ok("add-expert", write_adapter(tmp_path / "a", seed=13), "--name", "dx", "--group", "functional")
+    ok("compose", "--name", "med", "--groups", "functional")
+    with Registry.open() as registry:
+        from atmoe.registry.compositions import get_composition
+        from atmoe.registry.routers import record_router, set_alias
+
+        blob = registry.store.put_bytes(b"router weights")
+
+        def add_router(session):
+            router = record_router(session, get_composition(session, "med"), blob_digest=blob.digest,
+                                   data_digest=None, eval_data_digest=None, hyperparameters={}, metrics={})  # fmt: skip
+            set_alias(session, "med", "prod", router)
+
+        registry.transact(add_router, blobs={blob.digest: lambda: None})
+    assert_one_line(invoke("remove", "dx"), 1, "pinned by composition med@1")
+    assert_one_line(invoke("compositions", "remove", "med"), 1, "alias prod points at a router")
+    ok("compositions", "remove", "med", "--force")
+    with Registry.open() as registry:
+        assert registry.compositions() == [] and registry.verify() == []
+    ok("remove", "dx")  # nothing pins it any more
+    report = json.loads(ok("gc", "--apply", "--grace", "0", "--json").stdout)
+    assert blob.digest in {b["digest"] for b in report["blobs"]}
+    assert_one_line(invoke("compositions", "remove", "med"), 1, "no composition med")
