@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +90,15 @@ def _install_sqlite_events(engine: Engine, *, wal: bool) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _create_with_umask(path: Path) -> None:
+    """Create a new SQLite file as 0666 minus the umask (SQLite itself would make it 0644 minus the
+    umask, never group-writable); its -wal and -shm files then take the same mode from it."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except FileExistsError:
+        pass
+
+
 def create_registry_engine(
     url: str,
     *,
@@ -106,6 +116,7 @@ def create_registry_engine(
     remote = None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _create_with_umask(path)
         remote = warn_network_filesystem(path, warn or (lambda _m: None), detect_network_fs)
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
     # WAL needs shared memory between processes, which network filesystems do not provide.

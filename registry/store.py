@@ -79,6 +79,25 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return hasher.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def blob_mode() -> int:
+    """Read-only for whoever the umask lets read: 0444 under umask 022, 0440 under 027, 0400 under 077.
+    A team shares a store through a common group: umask 002 or 007 and a setgid group directory."""
+    return 0o444 & ~current_umask()
+
+
 def _lock(fd: int) -> None:
     """An exclusive advisory lock on ``fd`` (POSIX flock; a no-op where there is none)."""
     try:
@@ -203,7 +222,7 @@ class BlobStore:
                     pass  # a gc removed it just now (or our temp file): store these bytes after all
             # new, or a damaged copy (altered bytes, wrong size, not a regular file): the good bytes
             # replace it atomically, so a re-add or an import heals the store
-            os.chmod(temp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            os.chmod(temp, blob_mode())
             if not final.parent.is_dir():
                 final.parent.mkdir(parents=True, exist_ok=True)
                 _fsync_dir(self.blobs_dir)

@@ -293,3 +293,18 @@ def test_compositions_can_be_removed_with_their_routers_then_their_experts(tmp_p
     report = json.loads(ok("gc", "--apply", "--grace", "0", "--json").stdout)
     assert blob.digest in {b["digest"] for b in report["blobs"]}
     assert_one_line(invoke("compositions", "remove", "med"), 1, "no composition med")
+
+
+@pytest.mark.parametrize(("umask", "blob", "database"), [(0o077, 0o400, 0o600), (0o002, 0o444, 0o664)])
+def test_blobs_and_the_database_follow_the_umask(tmp_path, sqlite_only, umask, blob, database):
+    """Blobs were always 0444 (world-readable under umask 077), and registry.db never group-writable."""
+    adapter = write_adapter(tmp_path / "a", seed=14)
+    previous = os.umask(umask)
+    try:
+        ok("add-expert", adapter, "--name", "x", "--group", "functional")
+    finally:
+        os.umask(previous)
+    with Registry.open() as registry:
+        path = _blob(registry, "x")
+        assert path.stat().st_mode & 0o777 == blob
+        assert (registry.home / "registry.db").stat().st_mode & 0o777 == database
