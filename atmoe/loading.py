@@ -15,6 +15,7 @@ A reference is one of:
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +88,19 @@ def model_reference(ref: str) -> str:
     return resolved.location
 
 
+def downloads_allowed() -> bool:
+    """Whether the user allowed downloads (``--allow-downloads`` / ``ATMOE_ALLOW_DOWNLOADS=1``).
+
+    Catalog data never decides on its own to reach the network: a composition or an imported
+    archive whose base model is a hub id loads from this machine's files and cache only, unless
+    the user allowed downloads."""
+    return os.environ.get("ATMOE_ALLOW_DOWNLOADS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
-    """Load ``(model, tokenizer)`` for ``ref`` in eval mode. Raises ``ModelLoadError`` as one line."""
+    """Load ``(model, tokenizer)`` for ``ref`` in eval mode. Raises ``ModelLoadError`` as one line.
+
+    A hub id is read from the local cache only (``local_files_only``) unless ``downloads_allowed()``."""
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -98,6 +110,9 @@ def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
         kwargs["gguf_file"] = resolved.gguf_file
     if revision and not resolved.is_local:
         kwargs["revision"] = revision
+    offline = not resolved.is_local and not downloads_allowed()
+    if offline:
+        kwargs["local_files_only"] = True
     verbosity = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
@@ -118,6 +133,11 @@ def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
         raise
     except Exception as exc:  # transformers raises many types; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if offline:
+            raise ModelLoadError(
+                f"base model {ref!r} is not on this machine and downloads are off: pass --allow-downloads "
+                "(or set ATMOE_ALLOW_DOWNLOADS=1) to fetch it, or --base-model a local folder"
+            ) from exc
         raise ModelLoadError(f"cannot load base model {ref!r}: {first}") from exc
     finally:
         transformers.logging.set_verbosity(verbosity)

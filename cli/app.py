@@ -16,6 +16,7 @@ and are imported by ``atmoe/cli/__init__.py``. Library errors are translated her
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -150,8 +151,17 @@ def get_registry(ctx: click.Context | None = None, *, check_schema: bool = True)
     metavar="DIR",
     help="Blob store directory (default HOME/store); a shared directory for a team.",
 )
+@click.option(
+    "--allow-downloads",
+    is_flag=True,
+    envvar="ATMOE_ALLOW_DOWNLOADS",
+    show_envvar=True,
+    help="Let a base model given as a hub id be downloaded (off: only this machine's files and cache).",
+)
 @click.version_option(package_name="atmoe-registry", prog_name="atmoe-reg")
 @click.pass_context
-def main(ctx: click.Context, home: str | None, db_url: str | None, store: str | None) -> None:
+def main(ctx: click.Context, home: str | None, db_url: str | None, store: str | None, allow_downloads: bool) -> None:
     """Catalog LoRA experts, compose them into AT-MoE models, train and version their routers."""
     ctx.obj = State(home=home or None, db=db_url or None, store=store or None)
+    if allow_downloads:  # read by atmoe.loading, the one place that could reach the network
+        os.environ["ATMOE_ALLOW_DOWNLOADS"] = "1"

@@ -308,3 +308,26 @@ def test_blobs_and_the_database_follow_the_umask(tmp_path, sqlite_only, umask, b
         path = _blob(registry, "x")
         assert path.stat().st_mode & 0o777 == blob
         assert (registry.home / "registry.db").stat().st_mode & 0o777 == database
+
+
+def test_a_hub_id_from_catalog_data_never_reaches_the_network_unless_allowed(monkeypatch):
+    import transformers
+
+    from atmoe.errors import ModelLoadError
+    from atmoe.loading import load_base_model
+
+    seen: list[dict] = []
+
+    def from_pretrained(location, **kwargs):
+        seen.append(kwargs)
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    monkeypatch.delenv("ATMOE_ALLOW_DOWNLOADS", raising=False)
+    with pytest.raises(ModelLoadError, match="downloads are off: pass --allow-downloads"):
+        load_base_model("someorg/some-model")
+    assert seen[-1].get("local_files_only") is True
+    monkeypatch.setenv("ATMOE_ALLOW_DOWNLOADS", "1")
+    with pytest.raises(ModelLoadError, match="not in the local cache"):
+        load_base_model("someorg/some-model")
+    assert "local_files_only" not in seen[-1]
