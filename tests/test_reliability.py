@@ -331,3 +331,14 @@ def test_a_hub_id_from_catalog_data_never_reaches_the_network_unless_allowed(mon
     with pytest.raises(ModelLoadError, match="not in the local cache"):
         load_base_model("someorg/some-model")
     assert "local_files_only" not in seen[-1]
+
+
+def test_import_refuses_values_longer_than_the_catalogs_columns_before_writing(tmp_path):
+    _, parts = _exported(tmp_path)
+    parts["manifest"]["experts"][0]["base_model"] = "m" * 600  # the column holds 512
+    archive = _write_archive(tmp_path / "long.tar", parts["manifest"], parts["blobs"])
+    target = _fresh_target(tmp_path)
+    assert_one_line(invoke(*target, "import", archive), 1, "at most 512 characters")
+    from atmoe.registry.store import BlobStore
+
+    assert list(BlobStore(tmp_path / "target" / "store").iter_digests()) == []

@@ -37,6 +37,10 @@ MANIFEST_EXPERT_KEYS = (
 )  # fmt: skip
 
 
+# the catalog's column lengths (registry/models.py): a longer value is refused here, before any
+# blob is written, not by the database after
+COLUMN_LIMITS = {"base_model": 512, "base_revision": 256, "created_by": 256}
+
 # the router fields an archive carries; its number is re-assigned and its composition re-found on import
 MANIFEST_ROUTER_KEYS = (
     "number", "blob_digest", "data_digest", "eval_data_digest", "hyperparameters", "metrics",
@@ -227,7 +231,7 @@ def check_manifest(
         except UsageError as error:
             raise c.fail(where, str(error)) from None
         for key in ("description", "base_model", "base_revision", "created_by", "source"):
-            c.string(row.get(key), f"{where}.{key}", optional=True)
+            c.string(row.get(key), f"{where}.{key}", optional=True, limit=COLUMN_LIMITS.get(key, 1 << 16))
         row["created_at"] = c.moment(row.get("created_at"), f"{where}.created_at")
         digest = c.digest(row.get("digest"), f"{where}.digest")
         files: list[tuple[str, str, int]] = []
@@ -276,7 +280,7 @@ def check_manifest(
         if not group_names or len(set(group_names)) != len(group_names):
             raise c.fail(f"{where}.groups", "must list distinct groups")
         for key in ("base_model", "base_revision", "description", "created_by"):
-            c.string(row.get(key), f"{where}.{key}", optional=True)
+            c.string(row.get(key), f"{where}.{key}", optional=True, limit=COLUMN_LIMITS.get(key, 1 << 16))
         row["created_at"] = c.moment(row.get("created_at"), f"{where}.created_at")
         c.number(row.get("lam"), f"{where}.lam")
         c.number(row.get("temperature"), f"{where}.temperature")
@@ -335,7 +339,7 @@ def check_manifest(
                     c.digest(router.get(key), f"{at}.{key}")
             for key in ("hyperparameters", "metrics", "library_versions"):
                 c.plain(router.get(key), f"{at}.{key}")
-            c.string(router.get("created_by"), f"{at}.created_by", optional=True)
+            c.string(router.get("created_by"), f"{at}.created_by", optional=True, limit=COLUMN_LIMITS["created_by"])
             c.string(router.get("notes"), f"{at}.notes", optional=True)
             router["created_at"] = c.moment(router.get("created_at"), f"{at}.created_at")
             for k, alias in enumerate(c.lst(router.get("aliases", []), f"{at}.aliases")):
