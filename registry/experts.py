@@ -104,7 +104,7 @@ def _label(value: str | None, what: str) -> str | None:
 
 def _store_adapter(registry: Registry, info: AdapterInfo) -> list[tuple[str, StoredBlob]]:
     """Stream the adapter's files into the store, weights first; returns [(path, blob)]."""
-    from atmoe.registry.validate import CONFIG_FILE, WEIGHTS_FILE, FiniteCheck, read_safetensors_header
+    from atmoe.registry.validate import WEIGHTS_FILE, FiniteCheck
 
     store = registry.store
     assert info.header is not None
@@ -115,15 +115,21 @@ def _store_adapter(registry: Registry, info: AdapterInfo) -> list[tuple[str, Sto
     for name in info.files:
         if name != WEIGHTS_FILE:
             stored.append((name, store.put_file(info.path / name)))
-    # The files may have changed between validation and copying: what is stored must be what
-    # was validated (cheap: a header and a small JSON file).
+    return sorted(stored)
+
+
+def _check_stored(registry: Registry, info: AdapterInfo, stored: list[tuple[str, StoredBlob]]) -> None:
+    """The files may have changed between validation and copying: what is stored must be what was
+    validated (cheap: a header and a small JSON file). Called inside the insert transaction, under
+    the blob lock, where the blobs are known to be in place (a gc cannot remove them there)."""
+    from atmoe.registry.validate import CONFIG_FILE, WEIGHTS_FILE, read_safetensors_header
+
     blobs = dict(stored)
-    if read_safetensors_header(store.path_for(weights.digest)) != info.header:
+    if read_safetensors_header(registry.store.path_for(blobs[WEIGHTS_FILE].digest)) != info.header:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: changed while it was being added; try again")
-    config_bytes = store.path_for(blobs[CONFIG_FILE].digest).read_bytes()
+    config_bytes = registry.store.path_for(blobs[CONFIG_FILE].digest).read_bytes()
     if json.loads(config_bytes) != info.config:
         raise InvalidAdapter(f"{CONFIG_FILE}: changed while it was being added; try again")
-    return sorted(stored)
 
 
 def adapter_columns(info: AdapterInfo) -> dict[str, Any]:
@@ -174,6 +180,7 @@ def add_expert(
     digest = content_digest((p, blob.digest) for p, blob in stored)
 
     def insert(session: Session) -> tuple[ExpertRecord, bool]:
+        _check_stored(registry, info, stored)
         existing = session.scalar(select(Expert).where(Expert.name == name, Expert.digest == digest))
         if existing is not None:
             return ExpertRecord.from_row(existing), False
