@@ -238,11 +238,21 @@ def generate(ref, prompt, router, force, base_model, max_new_tokens, as_json) ->
 @router_option
 @force_option
 @click.option("--prompt", help="Export the per-block plan the router chooses for this prompt.")
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    help="Cap every module at this rank (truncated SVD of the merged update; vLLM's default max is 16). "
+    "Without it the export is exact.",
+)
 @base_option
-def export_lora(ref, out_dir, router, force, prompt, base_model) -> None:
+def export_lora(ref, out_dir, router, force, prompt, rank, base_model) -> None:
     """Write a routing plan (forced weights, or the router's choice for --prompt) as one plain PEFT LoRA."""
-    from atmoe.export import export_lora as write_plan
+    from functools import partial
+
+    from atmoe.export import export_plan
     from atmoe.inspect import route_prompt
+
+    write_plan = partial(export_plan, rank=rank)
 
     weights = parse_force(force)
     if (weights is None) == (prompt is None):
@@ -253,8 +263,16 @@ def export_lora(ref, out_dir, router, force, prompt, base_model) -> None:
     if weights is not None:
         with built.model.forced_routing(weights):
             route_prompt(built.model, built.tokenizer, prompt or "plan", force=None)
-            path = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
+            plan = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
     else:
         route_prompt(built.model, built.tokenizer, prompt)
-        path = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
-    output.message(f"wrote a plain PEFT LoRA adapter to {path} (from {built.router or built.composition})")
+        plan = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
+    output.message(f"wrote a plain PEFT LoRA adapter to {plan.path} (from {built.router or built.composition})")
+    if rank is not None:
+        worst = max(plan.errors, key=lambda module: plan.errors[module]) if plan.errors else None
+        output.message(
+            f"rank {rank}: max relative error {plan.max_error:.3g}"
+            + (f" ({worst})" if worst and plan.max_error > 0 else " (exact)")
+            + f" over {len(plan.errors)} modules; per module: "
+            + ", ".join(f"{module} {error:.3g}" for module, error in sorted(plan.errors.items()) if error > 0)
+        )

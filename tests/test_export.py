@@ -100,3 +100,40 @@ def test_dora_plans_are_refused_with_the_reason(tmp_path):
         with pytest.raises(AtmoeError, match="DoRA.*no LoRA"):
             export_lora(model, tmp_path / "plan")
     assert not (tmp_path / "plan").exists()
+
+
+def _merged(A, B):
+    return B.double() @ A.double()
+
+
+def test_rank_limited_export_is_exact_at_the_full_rank_and_its_error_falls_with_the_rank(tmp_path):
+    from atmoe.export import export_plan, truncate
+
+    base = make_tiny_llama()
+    targets = ("q_proj", "v_proj")
+    paths = {
+        n: make_peft_adapter(base, tmp_path / n, r=4, target_modules=targets, seed=30 + i) for i, n in enumerate("abc")
+    }
+    model = build_atmoe(copy.deepcopy(base), {"g": {n: paths[n] for n in "abc"}})
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    with model.forced_routing({"a": 0.5, "b": 0.3, "c": 0.2}), torch.no_grad():
+        expected = model(input_ids=ids).logits
+        full = export_plan(model, tmp_path / "full", rank=12)  # 3 x 4 = the plan's whole rank
+        assert full.max_error == 0.0
+        torch.testing.assert_close(_peft_output(base, full.path, ids), expected, atol=1e-5, rtol=1e-5)
+        errors = [export_plan(model, tmp_path / f"k{k}", rank=k).max_error for k in (1, 2, 4, 8, 11)]
+        assert all(e1 >= e2 for e1, e2 in zip(errors, errors[1:])) and errors[0] > errors[-1] > 0
+        capped = export_plan(model, tmp_path / "k4", rank=4)
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(copy.deepcopy(base), str(capped.path))
+    assert all(m.r["default"] <= 4 for m in peft.modules() if hasattr(m, "r") and isinstance(m.r, dict) and m.r)
+    # the reported error is the Frobenius error of the truncated update, checked independently
+    generator = torch.Generator().manual_seed(0)
+    A, B = torch.randn(6, 20, generator=generator), torch.randn(10, 6, generator=generator)
+    a_k, b_k, error = truncate(A, B, 3)
+    exact = _merged(A, B)
+    assert a_k.shape == (3, 20) and b_k.shape == (10, 3)
+    assert error == pytest.approx(float((exact - _merged(a_k, b_k)).norm() / exact.norm()), rel=1e-6)
+    singular = torch.linalg.svdvals(exact)
+    assert error == pytest.approx(float(singular[3:].norm() / singular.norm()), rel=1e-6)  # Eckart-Young

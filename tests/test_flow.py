@@ -274,3 +274,16 @@ def test_export_lora_from_cli(workspace, composed, tmp_path):
     assert config["peft_type"] == "LORA" and (out / "adapter_model.safetensors").is_file()
     # the exported adapter is itself a valid expert
     run("add-expert", str(out), "--name", "plan-fa-db", "--group", "general")
+
+
+def test_export_lora_with_a_rank_cap_reports_its_error(workspace, composed, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["export-lora", "medqa", str(tmp_path / "capped"), "--force", "fa=0.5", "--force", "db=0.5", "--rank", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "rank 1: max relative error" in result.stderr
+    config = json.loads((tmp_path / "capped" / "adapter_config.json").read_text())
+    assert config["r"] == 1 and not config["rank_pattern"]
+    bad = CliRunner().invoke(main, ["export-lora", "medqa", str(tmp_path / "x"), "--force", "fa=1", "--rank", "0"])
+    assert bad.exit_code == 2
