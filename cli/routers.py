@@ -57,13 +57,22 @@ def _with_router(ref: str, router: str | None) -> str:
     return f"{ref}:{router}"
 
 
+ROUTER_KINDS = ("trained", "uniform")
+
+
 @main.command("train-router")
 @click.argument("ref")
 @click.option(
+    "--kind",
+    type=click.Choice(ROUTER_KINDS),
+    default="trained",
+    show_default=True,
+    help="trained: learn the routers on --data; uniform: equal weights inside each group and over groups, no data.",
+)
+@click.option(
     "--data",
-    required=True,
     type=click.Path(dir_okay=False),
-    help="Training JSONL (prompt/response or messages, optional intents).",
+    help="Training JSONL (prompt/response or messages, optional intents); --kind trained needs it.",
 )
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False), help="Evaluation JSONL.")
 @dataclass_options(TrainConfig)
@@ -71,21 +80,31 @@ def _with_router(ref: str, router: str | None) -> str:
 @click.option("--notes", help="Free text recorded with the router.")
 @base_option
 @json_option
-def train_router(ref, data, eval_data, alias, notes, base_model, as_json, **hyperparameters) -> None:
+def train_router(ref, kind, data, eval_data, alias, notes, base_model, as_json, **hyperparameters) -> None:
     """Train the routers of a composition (experts frozen) and record them as its next router."""
     config = pop_config(TrainConfig, hyperparameters)
     registry = get_registry()
-    trained = registry.train_router(
-        ref,
-        data=data,
-        eval_data=eval_data,
-        config=config,
-        alias=alias,
-        notes=notes,
-        progress=True,
-        console=output.console(),
-        base_model=base_model,
-    )
+    if kind == "uniform":
+        if data is not None:
+            raise UsageError("--kind uniform takes no --data (it learns nothing); --eval scores it")
+        trained = registry.record_uniform_router(
+            ref, eval_data=eval_data, alias=alias, notes=notes, base_model=base_model,
+            batch_size=config.batch_size, max_length=config.max_length,
+        )  # fmt: skip
+    else:
+        if data is None:
+            raise UsageError("--kind trained needs --data FILE (training JSONL)")
+        trained = registry.train_router(
+            ref,
+            data=data,
+            eval_data=eval_data,
+            config=config,
+            alias=alias,
+            notes=notes,
+            progress=True,
+            console=output.console(),
+            base_model=base_model,
+        )
     record = trained.record.to_dict()
     if as_json:
         output.print_json(record)
@@ -93,9 +112,10 @@ def train_router(ref, data, eval_data, alias, notes, base_model, as_json, **hype
     metrics = record["metrics"]
     shown = {k: metrics[k] for k in ("train_loss", "eval_loss_before", "eval_loss", "routing_accuracy") if k in metrics}
     output.message(
-        f"recorded router {record['ref']}"
+        f"recorded {record['kind']} router {record['ref']}"
         + (f" (alias {alias})" if alias else "")
-        + f"; data sha256:{output.short_digest(record['data_digest'])}; "
+        + (f"; data sha256:{output.short_digest(record['data_digest'])}" if record["data_digest"] else "")
+        + "; "
         + ", ".join(f"{k}={v:.4f}" for k, v in shown.items() if v is not None)
     )
 
@@ -110,10 +130,11 @@ def routers(ref: str, as_json: bool) -> None:
         output.print_json(records)
         return
     output.print_table(
-        ["ref", "aliases", "data", "eval loss", "routing acc", "epochs", "lr", "seed", "created"],
+        ["ref", "kind", "aliases", "data", "eval loss", "routing acc", "epochs", "lr", "seed", "created"],
         [
             (
                 r["ref"],
+                r["kind"],
                 r["aliases"],
                 output.short_digest(r["data_digest"]),
                 _fmt(r["metrics"].get("eval_loss")),

@@ -269,6 +269,11 @@ class RouterRecord:
     def ref(self) -> str:
         return f"{self.composition}:{self.number}"
 
+    @property
+    def kind(self) -> str:
+        """How the router was made: ``trained`` (train-router on data) or ``uniform``."""
+        return str(self.hyperparameters.get("kind", "trained"))
+
     @classmethod
     def from_row(cls, router: Router, aliases: list[str]) -> RouterRecord:
         return cls(
@@ -291,6 +296,7 @@ class RouterRecord:
             "composition": self.composition,
             "number": self.number,
             "ref": self.ref,
+            "kind": self.kind,
             "aliases": list(self.aliases),
             "blob_digest": self.blob_digest,
             "data_digest": self.data_digest,

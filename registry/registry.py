@@ -378,6 +378,13 @@ class Registry:
         kwargs.setdefault("created_by", current_user())
         return train_and_record(self, ref, **kwargs)
 
+    def record_uniform_router(self, ref: str, **kwargs: Any) -> TrainedRouter:
+        """Record the ``uniform`` router of ``ref`` (no data); see ``router_training.record_uniform``."""
+        from atmoe.registry.router_training import record_uniform
+
+        kwargs.setdefault("created_by", current_user())
+        return record_uniform(self, ref, **kwargs)
+
     def routers(self, ref: str) -> list[RouterRecord]:
         from atmoe.registry import routers
 

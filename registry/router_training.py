@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from atmoe.errors import UsageError
 from atmoe.registry.build import Built, router_bytes
 from atmoe.registry.compositions import get_composition
 from atmoe.registry.names import parse_ref
@@ -72,11 +73,58 @@ def train_and_record(
         progress=progress,
         console=console,
     )
-    data = router_bytes(built.model, metadata={"composition": built.composition})
-    blob = registry.store.put_bytes(data)
     hyperparameters = config.as_dict()
     if built.router:
         hyperparameters["warm_start"] = built.router
+    metrics = {**result.metrics, "history": result.history}
+    return _record(registry, built, hyperparameters, metrics, train_digest, eval_digest, alias, notes, created_by)
+
+
+def record_uniform(
+    registry,
+    ref: str,
+    *,
+    eval_data: str | Path | None = None,
+    alias: str | None = None,
+    notes: str | None = None,
+    created_by: str | None = None,
+    base_model: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> TrainedRouter:
+    """Record the ``uniform`` router of ``ref``: equal weights inside each group and over groups (the
+    routers' zero start, DESIGN.md section 7), no data needed. With ``eval_data`` its eval loss and
+    routing accuracy are recorded, comparable to a trained router's."""
+    from atmoe.data import check_intents, data_digest, read_examples
+    from atmoe.registry.names import validate_name
+    from atmoe.training import evaluate
+
+    if alias is not None:
+        validate_name(alias, "alias")
+    parsed = parse_ref(ref)
+    if parsed.router is not None:
+        raise UsageError(f"{ref!r} names a router; a uniform router starts from nothing: name the composition")
+    evaluation = read_examples(eval_data) if eval_data else None
+    with registry.session() as session:
+        composition, _ = resolve_router(session, parsed, required=False)
+        experts = [member.expert.name for member in composition.members]
+    if evaluation:
+        check_intents(evaluation, experts)
+    built = registry.build(ref, router=False, base_model=base_model)
+    metrics: dict = {}
+    if evaluation:
+        scores = evaluate(built.model, built.tokenizer, evaluation, batch_size=batch_size, max_length=max_length)
+        metrics["eval_loss"] = scores["loss"]
+        if "routing_accuracy" in scores:
+            metrics["routing_accuracy"] = scores["routing_accuracy"]
+    eval_digest = data_digest(eval_data) if eval_data else None
+    return _record(registry, built, {"kind": "uniform"}, metrics, None, eval_digest, alias, notes, created_by)
+
+
+def _record(registry, built: Built, hyperparameters, metrics, train_digest, eval_digest, alias, notes, created_by):
+    """Store the built model's router weights as a blob, then its row (the gc protocol), and alias it."""
+    data = router_bytes(built.model, metadata={"composition": built.composition})
+    blob = registry.store.put_bytes(data)
 
     def record(session):
         composition = get_composition(session, parse_ref(built.composition))
@@ -87,7 +135,7 @@ def train_and_record(
             data_digest=train_digest,
             eval_data_digest=eval_digest,
             hyperparameters=hyperparameters,
-            metrics={**result.metrics, "history": result.history},
+            metrics=metrics,
             created_by=created_by,
             notes=notes,
         )

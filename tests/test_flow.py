@@ -287,3 +287,21 @@ def test_export_lora_with_a_rank_cap_reports_its_error(workspace, composed, tmp_
     assert config["r"] == 1 and not config["rank_pattern"]
     bad = CliRunner().invoke(main, ["export-lora", "medqa", str(tmp_path / "x"), "--force", "fa=1", "--rank", "0"])
     assert bad.exit_code == 2
+
+
+def test_a_uniform_router_needs_no_data_and_routes_evenly(workspace, composed):
+    record = json.loads(
+        run("train-router", "medqa", "--kind", "uniform", "--eval", str(workspace["eval"]), "--alias", "even", "--json")
+    )
+    assert record["kind"] == "uniform" and record["data_digest"] is None
+    assert record["metrics"]["eval_loss"] > 0 and 0 <= record["metrics"]["routing_accuracy"] <= 1
+    routed = json.loads(run("route", "medqa:even", "a prompt", "--json"))
+    for block in routed["blocks"]:
+        groups = block["groups"]
+        assert all(abs(w - 1 / len(groups)) < 1e-6 for w in groups.values())  # even over groups
+        assert abs(sum(block["experts"].values()) - 1) < 1e-6
+    assert "uniform" in run("routers", "medqa")
+    bad = CliRunner().invoke(main, ["train-router", "medqa", "--kind", "uniform", "--data", str(workspace["train"])])
+    assert bad.exit_code == 2 and "takes no --data" in bad.stderr
+    missing = CliRunner().invoke(main, ["train-router", "medqa"])
+    assert missing.exit_code == 2 and "needs --data" in missing.stderr
