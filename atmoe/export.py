@@ -65,18 +65,14 @@ def truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return a_k.to(A.dtype).contiguous(), b_k.to(B.dtype).contiguous(), error
 
 
-def plan_tensors(model, *, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int], bool, bool]:
+def plan_tensors(
+    model, rank: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, int], bool, bool, dict[str, float]]:
     """The LoRA tensors of the current plan (after a forward): PEFT keys, per-module ranks,
-    fan_in_fan_out, lora_bias. With ``rank``, every module is capped at that rank (``truncate``;
-    ``export_plan`` reports the errors).
+    fan_in_fan_out, lora_bias, and per module the relative error of the ``rank`` cap (``truncate``).
 
     Uses each block's coefficients of the last forward, batch row 0; token routing must be forced.
     """
-    tensors, ranks, fan_in_fan_out, lora_bias, _ = _plan(model, rank)
-    return tensors, ranks, fan_in_fan_out, lora_bias
-
-
-def _plan(model, rank: int | None):
     if model.atmoe_config.routing == "token" and model._forced is None:
         raise RoutingError("token routing has no single plan: export with forced weights (--force)")
     layers = [
@@ -153,7 +149,7 @@ def export_plan(
 
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise UsageError(f"--rank must be a positive integer, not {rank!r}")
-    tensors, ranks, fan_in_fan_out, lora_bias, errors = _plan(model, rank)
+    tensors, ranks, fan_in_fan_out, lora_bias, errors = plan_tensors(model, rank)
     r = max(ranks.values())
     config = {
         "peft_type": "LORA",

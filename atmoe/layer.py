@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from atmoe.routing import pool_hidden
+
 try:  # GPT-2 style layers: weight [in, out], y = x @ W + b
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but keep layer.py importable
@@ -67,7 +69,8 @@ class BlockRouting:
 
     def __init__(self) -> None:
         self.coefficients: Tensor | None = None
-        self.pooled: Tensor | None = None
+        self._mask: Tensor | None = None  # token routing: [B, T] real tokens, for pooled coefficients
+        self._pooled: Tensor | None = None
         self.layers: list[MixtureLoraLinear | MixtureLoraEmbedding] = []
         self._rows: dict[tuple[int, torch.dtype], Tensor] = {}
         # one small integer per distinct stack signature among this block's layers: the scale-row key
@@ -78,27 +81,35 @@ class BlockRouting:
         self.layers.append(layer)
         return self._stack_ids.setdefault(signature, len(self._stack_ids))
 
-    def set(self, coefficients: Tensor, pooled: Tensor | None = None) -> None:
-        """``coefficients`` [B, 1|T, E+1]; ``pooled`` [B, 1, E+1] (token routing only): each row's mean
-        over its real tokens, for layers whose input has no token axis (a pooler's [B, D])."""
+    def set(self, coefficients: Tensor, mask: Tensor | None = None) -> None:
+        """``coefficients`` [B, 1|T, E+1]; ``mask`` [B, T] (token routing): the real tokens, should a
+        layer without a token axis (a pooler's [B, D]) ask for each row's mean coefficients."""
         self.coefficients = coefficients
-        self.pooled = pooled
+        self._mask, self._pooled = mask, None
         rows: dict[tuple, Tensor] = {}
         for layer in self.layers:
             key = (layer.stack_id, layer.A_cat.dtype)
             if key not in rows:
                 picked = coefficients.index_select(-1, layer.rank_column)  # [B, 1|T, R]
                 rows[key] = (picked * layer.rank_scale).to(layer.A_cat.dtype)  # [B, 1|T, R]
-            for extra, column in layer.piece_columns().items():  # lora biases, DoRA gains
-                extra_key = (extra, *key)
-                if extra_key not in rows:
-                    rows[extra_key] = coefficients.index_select(-1, column).to(layer.A_cat.dtype)  # [B, 1|T, P]
+                for extra in layer.extras:  # lora biases, DoRA gains: [B, 1|T, P]
+                    column = getattr(layer, f"{extra}_column")
+                    rows[(extra, *key)] = coefficients.index_select(-1, column).to(layer.A_cat.dtype)
         self._rows = rows
 
     def clear(self) -> None:
         self.coefficients = None
-        self.pooled = None
+        self._mask = self._pooled = None
         self._rows = {}
+
+    def _pooled_coefficients(self) -> Tensor:
+        """Each row's mean coefficients over its real tokens [B, 1, E+1] (sequence routing: as set)."""
+        assert self.coefficients is not None
+        if self.coefficients.shape[1] == 1:
+            return self.coefficients
+        if self._pooled is None:  # token routing, computed once per forward and only when a pooler asks
+            self._pooled = pool_hidden(self.coefficients, self._mask).unsqueeze(1)  # [B, 1, E+1]
+        return self._pooled
 
     def scale_row(
         self, layer: MixtureLoraLinear | MixtureLoraEmbedding, extra: str | None = None, *, untokened: bool = False
@@ -106,13 +117,14 @@ class BlockRouting:
         """lambda w_e s_e (or (1 - lambda) s_p) for each of the layer's rank rows: [B, 1|T, R];
         with ``extra`` ("bias" / "gain"), the coefficient c_e of each such piece: [B, 1|T, P].
 
-        ``untokened``: for an input without a token axis (a pooler's [B, D]): [B, 1, *], from the
-        pooled coefficients under token routing (computed here: such layers are few and run once).
+        ``untokened``: for an input without a token axis (a pooler's [B, D]): [B, 1, *], from each
+        row's mean coefficients under token routing (computed here: such layers are few and run once).
         """
-        if untokened and self.pooled is not None:
+        if untokened and self.coefficients is not None and self.coefficients.shape[1] > 1:
+            pooled = self._pooled_coefficients()  # [B, 1, E+1]
             if extra is None:
-                return (self.pooled.index_select(-1, layer.rank_column) * layer.rank_scale).to(layer.A_cat.dtype)
-            return self.pooled.index_select(-1, layer.piece_columns()[extra]).to(layer.A_cat.dtype)
+                return (pooled.index_select(-1, layer.rank_column) * layer.rank_scale).to(layer.A_cat.dtype)
+            return pooled.index_select(-1, getattr(layer, f"{extra}_column")).to(layer.A_cat.dtype)
         key = (layer.stack_id, layer.A_cat.dtype)
         row = self._rows.get(key if extra is None else (extra, *key))
         if row is None:
@@ -136,6 +148,29 @@ class _StackedLora(nn.Module):
     All are buffers: frozen, moved by ``.to()``, kept out of state dicts (the experts live in their
     own files). A and B take the base weight's dtype; ``rank_scale`` stays float32.
     """
+
+    extras: tuple[str, ...] = ()  # the piece kinds beyond A and B this layer mixes: "bias", "gain"
+
+    def _setup(
+        self,
+        base_layer: nn.Module,
+        pieces: Sequence[LoraPiece],
+        routing: BlockRouting,
+        shape: tuple[int, int],
+        what: str,
+    ) -> None:
+        """Check that every piece fits ``shape`` (in, out) and keep the base layer and routing."""
+        if not pieces:
+            raise ValueError("a mixture layer needs at least one LoRA piece")
+        for piece in pieces:
+            if piece.A.shape[1] != shape[0] or piece.B.shape[0] != shape[1]:
+                raise ValueError(
+                    f"LoRA A {tuple(piece.A.shape)} / B {tuple(piece.B.shape)} do not fit {what} of {shape[0]} "
+                    f"inputs and {shape[1]} outputs"
+                )
+        self.base_layer = base_layer
+        self.routing = routing
+        self.in_features, self.out_features = shape
 
     def _stack(self, pieces: Sequence[LoraPiece], weight: Tensor, b_blocks: Sequence[Tensor]) -> list[int]:
         """Register A_cat [R, k], B_cat [d, R] (from ``b_blocks``), rank_column, rank_scale; returns the ranks."""
@@ -167,19 +202,8 @@ class MixtureLoraLinear(_StackedLora):
 
     def __init__(self, base_layer: nn.Module, pieces: Sequence[LoraPiece], routing: BlockRouting) -> None:
         super().__init__()
-        if not pieces:
-            raise ValueError("a mixture layer needs at least one LoRA piece")
-        in_features, out_features = linear_shape(base_layer)
+        self._setup(base_layer, pieces, routing, linear_shape(base_layer), "a layer")
         weight = base_layer.weight
-        for piece in pieces:
-            if piece.A.shape[1] != in_features or piece.B.shape[0] != out_features:
-                raise ValueError(
-                    f"LoRA A {tuple(piece.A.shape)} / B {tuple(piece.B.shape)} do not fit a layer "
-                    f"of {in_features} inputs and {out_features} outputs"
-                )
-        self.base_layer = base_layer
-        self.routing = routing
-        self.in_features, self.out_features = in_features, out_features
         # DoRA: g_e folded into its B rows (g_e B_e); plain pieces keep B_e
         b_blocks = [p.B if p.gain is None else p.gain.to(p.B.dtype).unsqueeze(1) * p.B for p in pieces]
         ranks = self._stack(pieces, weight, b_blocks)
@@ -207,17 +231,9 @@ class MixtureLoraLinear(_StackedLora):
             torch.tensor([p.column for p in scaled], device=weight.device) if scaled else None,
             persistent=False,
         )
+        self.extras = ("bias",) * bool(biased) + ("gain",) * bool(scaled)
         signature = tuple((p.column, r, p.scale, p.bias is not None, p.gain is not None) for p, r in zip(pieces, ranks))
         self.stack_id = routing.add_layer(self, signature)
-
-    def piece_columns(self) -> dict[str, Tensor]:
-        """The coefficient columns of the pieces with a lora bias / a DoRA gain (those present)."""
-        columns = {}
-        if self.bias_column is not None:
-            columns["bias"] = self.bias_column
-        if self.gain_column is not None:
-            columns["gain"] = self.gain_column
-        return columns
 
     def forward(self, x: Tensor) -> Tensor:  # x [B, T, k] (or a pooler's [B, k])
         if x.dim() == 2:
@@ -272,23 +288,10 @@ class MixtureLoraEmbedding(_StackedLora):
 
     def __init__(self, base_layer: nn.Embedding, pieces: Sequence[LoraPiece], routing: BlockRouting) -> None:
         super().__init__()
-        if not pieces:
-            raise ValueError("a mixture layer needs at least one LoRA piece")
         vocab, dim = base_layer.weight.shape
-        for piece in pieces:
-            if piece.A.shape[1] != vocab or piece.B.shape[0] != dim:
-                raise ValueError(
-                    f"lora_embedding_A {tuple(piece.A.shape)} / B {tuple(piece.B.shape)} do not fit an embedding "
-                    f"of {vocab} tokens and {dim} features"
-                )
-        self.base_layer = base_layer
-        self.routing = routing
-        self.in_features, self.out_features = vocab, dim
+        self._setup(base_layer, pieces, routing, (vocab, dim), "an embedding")
         ranks = self._stack(pieces, base_layer.weight, [p.B for p in pieces])
         self.stack_id = routing.add_layer(self, ("embedding", *((p.column, r, p.scale) for p, r in zip(pieces, ranks))))
-
-    def piece_columns(self) -> dict[str, Tensor]:
-        return {}
 
     def forward(self, ids: Tensor) -> Tensor:  # ids [B, T]
         y = self.base_layer(ids)  # [B, T, dim]

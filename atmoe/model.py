@@ -171,8 +171,7 @@ class AtMoEModel(nn.Module):
     ) -> Any:
         """The base model's ``generate``: the prompt is routed once and its routing held for every
         decode step (sequence routing; token routing routes each new token)."""
-        _request_mask(attention_mask, routing_mask, input_ids)  # a mask that does not fit: refused first
-        with self.request(attention_mask=attention_mask, routing_mask=routing_mask):
+        with self._holding(_request_mask(attention_mask, routing_mask, input_ids)):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @contextmanager
@@ -184,11 +183,16 @@ class AtMoEModel(nn.Module):
 
         Requests do not nest: a second ``request`` inside the first raises ``RoutingError``.
         """
+        with self._holding(_request_mask(attention_mask, routing_mask, None)):
+            yield self
+
+    @contextmanager
+    def _holding(self, mask: Tensor | None) -> Iterator[AtMoEModel]:
         if self._request is not None:
             raise RoutingError("a request is already open on this model; requests do not nest")
         self._invalidate()
         try:
-            with self._requesting(_Request(_request_mask(attention_mask, routing_mask, None), hold=True)):
+            with self._requesting(_Request(mask, hold=True)):
                 yield self
         finally:
             self._invalidate()  # the next request routes afresh
@@ -300,11 +304,7 @@ class AtMoEModel(nn.Module):
                 self._last[index] = (group_w, weights, mask)
         lam = self._lambda(index)
         general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)  # [B, 1|T, 1]
-        coefficients = torch.cat([lam * weights, general], dim=-1)  # [B, 1|T, E+1]
-        pooled = None
-        if coefficients.shape[1] > 1:  # token routing: for layers without a token axis (poolers)
-            pooled = pool_hidden(coefficients, mask).unsqueeze(1)  # [B, 1, E+1]
-        routing.set(coefficients, pooled)
+        routing.set(torch.cat([lam * weights, general], dim=-1), mask)  # [B, 1|T, E+1]
 
     @contextmanager
     def calibrating_router_inputs(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Iterator[AtMoEModel]:

@@ -12,6 +12,7 @@ A thin class: each method delegates to a service module (``experts``, later ``co
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -96,9 +97,9 @@ class Registry:
             raise
         return registry
 
-    @property
+    @functools.cached_property
     def catalog_id(self) -> str:
-        """This catalog's id (recorded in its database and in its store's ``catalog-id``)."""
+        """This catalog's id (recorded in its database and in its store's ``catalog-id``; it never changes)."""
         from sqlalchemy import select
 
         from atmoe.registry.models import CatalogIdentity

@@ -177,3 +177,20 @@ def test_adapted_embeddings_route_the_first_block_once_on_the_base_embeddings(ba
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert generated.shape == (2, ids.shape[1] + 3)
     torch.testing.assert_close(model.last_routing_tensors()[0][1], first)
+
+
+@torch.no_grad()
+def test_a_pooler_under_token_routing_takes_each_rows_mean_weights(bases, adapter_dirs):
+    """BERT's pooler sees [B, D], no token axis: under token routing it takes its block's weights
+    averaged over each row's real tokens. Untrained routers give every token the same weights (even
+    over the two groups), so the mean is those weights and the output is PEFT's with them."""
+    base, dirs = bases["bert"], adapter_dirs["bert"]
+    groups = {"kinds": {"pooler": dirs["pooler"]}, "plain": {"plain": dirs["plain"]}}
+    model = build_atmoe(copy.deepcopy(base), groups, routing="token").eval()
+    ids, mask = inputs()
+    mask = mask.clone()
+    mask[1, -2:] = 0  # padding must not change the pooled weights either
+    ours = outputs(model, ids, mask)
+    reference = outputs(peft_scaled(base, dirs, {"pooler": 0.5, "plain": 0.5}), ids, mask)
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
