@@ -29,8 +29,6 @@ from atmoe.adapter_format import (
 from atmoe.errors import InvalidAdapter, PickleRefused
 from atmoe.jsontext import JsonTextError, parse_json
 
-CONFIG_NAME, WEIGHTS_NAME = CONFIG_FILE, WEIGHTS_FILE  # the names this module always used
-
 
 def module_scaling(config: dict[str, Any], module_key: str) -> tuple[int, float]:
     """(r, s) of one adapted module, as PEFT resolves them (see ``LoraSettings.module_scaling``)."""
@@ -109,24 +107,24 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     if not path.is_dir():
         raise InvalidAdapter(f"{path}: not a PEFT adapter directory")
     label = name or path.name
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not weights_file.is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise PickleRefused(f"{path}: {pickles[0]} is a pickle, never loaded; {PICKLE_HINT}")
-        raise InvalidAdapter(f"{path}: no {WEIGHTS_NAME}")
+        raise InvalidAdapter(f"{path}: no {WEIGHTS_FILE}")
     if not config_file.is_file():
-        raise InvalidAdapter(f"{path}: no {CONFIG_NAME}")
+        raise InvalidAdapter(f"{path}: no {CONFIG_FILE}")
     try:
         config = parse_json(config_file.read_bytes())
     except JsonTextError as exc:
-        raise InvalidAdapter(f"{path}: {CONFIG_NAME}: is not valid JSON ({exc})") from None
+        raise InvalidAdapter(f"{path}: {CONFIG_FILE}: is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
-        raise InvalidAdapter(f"{path}: {CONFIG_NAME} is not a JSON object")
+        raise InvalidAdapter(f"{path}: {CONFIG_FILE} is not a JSON object")
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InvalidAdapter(f"{path}: {WEIGHTS_NAME} is corrupt or truncated ({exc})") from None
+        raise InvalidAdapter(f"{path}: {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
     return LoraAdapter(config=config, tensors=tensors, name=label)
 
 
@@ -136,9 +134,9 @@ def save_adapter(adapter: LoraAdapter, path: str | Path) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).write_text(json.dumps(adapter.config, indent=2, sort_keys=True), encoding="utf-8")
+    (path / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True), encoding="utf-8")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter.tensors.items()}
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
     return path
 
 
@@ -151,11 +149,11 @@ def adapter_from_bytes(config_bytes: bytes, weights_bytes: bytes, name: str | No
     try:
         config = parse_json(config_bytes)
     except JsonTextError as exc:
-        raise InvalidAdapter(f"{label}: {CONFIG_NAME}: is not valid JSON ({exc})") from None
+        raise InvalidAdapter(f"{label}: {CONFIG_FILE}: is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
-        raise InvalidAdapter(f"{label}: {CONFIG_NAME} is not a JSON object")
+        raise InvalidAdapter(f"{label}: {CONFIG_FILE} is not a JSON object")
     try:
         tensors = load_safetensors(weights_bytes)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InvalidAdapter(f"{label}: {WEIGHTS_NAME} is corrupt or truncated ({exc})") from None
+        raise InvalidAdapter(f"{label}: {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
     return LoraAdapter(config=config, tensors=tensors, name=name)

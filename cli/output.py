@@ -41,8 +41,10 @@ def _finite(value: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         return [_finite(item) for item in value]
+    if callable(getattr(value, "to_dict", None)):
+        return _finite(value.to_dict())
     return value
 
 
@@ -64,8 +66,8 @@ def print_json(data: Any) -> None:
         return
     try:
         text = json.dumps(data, indent=2, default=_json_default, ensure_ascii=False, allow_nan=False)
-    except ValueError:
-        text = json.dumps(_finite(json.loads(json.dumps(data, default=_json_default))), indent=2, ensure_ascii=False)
+    except ValueError:  # a non-finite float somewhere: the rare case pays for the walk
+        text = json.dumps(_finite(data), indent=2, default=_json_default, ensure_ascii=False, allow_nan=False)
     click.echo(text)
 
 

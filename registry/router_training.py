@@ -43,25 +43,14 @@ def train_and_record(
     ``ref`` with ``:ROUTER`` warm-starts from that router; without, the routers start uniform, so the
     same data, hyperparameters and seed give the same router.
     """
-    from atmoe.data import check_intents, data_digest, read_examples
-    from atmoe.registry.names import validate_name
+    from atmoe.data import data_digest
     from atmoe.training import TrainConfig, train_router
 
     config = config or TrainConfig()
-    if alias is not None:
-        validate_name(alias, "alias")
     parsed = parse_ref(ref)
-    train = read_examples(data)
-    evaluation = read_examples(eval_data) if eval_data else None
+    train, evaluation = _checked_data(registry, parsed, alias, data, eval_data)
     train_digest = data_digest(data)
     eval_digest = data_digest(eval_data) if eval_data else None
-    # intents are checked against the pinned experts before any model is built
-    with registry.session() as session:
-        composition, _ = resolve_router(session, parsed, required=False)
-        experts = [member.expert.name for member in composition.members]
-    check_intents(train, experts)
-    if evaluation:
-        check_intents(evaluation, experts)
     built = registry.build(ref, router=parsed.router is not None, base_model=base_model)
     result = train_router(
         built.model,
@@ -95,21 +84,13 @@ def record_uniform(
     """Record the ``uniform`` router of ``ref``: equal weights inside each group and over groups (the
     routers' zero start, DESIGN.md section 7), no data needed. With ``eval_data`` its eval loss and
     routing accuracy are recorded, comparable to a trained router's."""
-    from atmoe.data import check_intents, data_digest, read_examples
-    from atmoe.registry.names import validate_name
+    from atmoe.data import data_digest
     from atmoe.training import evaluate
 
-    if alias is not None:
-        validate_name(alias, "alias")
     parsed = parse_ref(ref)
     if parsed.router is not None:
         raise UsageError(f"{ref!r} names a router; a uniform router starts from nothing: name the composition")
-    evaluation = read_examples(eval_data) if eval_data else None
-    with registry.session() as session:
-        composition, _ = resolve_router(session, parsed, required=False)
-        experts = [member.expert.name for member in composition.members]
-    if evaluation:
-        check_intents(evaluation, experts)
+    _, evaluation = _checked_data(registry, parsed, alias, None, eval_data)
     built = registry.build(ref, router=False, base_model=base_model)
     metrics: dict = {}
     if evaluation:
@@ -119,6 +100,25 @@ def record_uniform(
             metrics["routing_accuracy"] = scores["routing_accuracy"]
     eval_digest = data_digest(eval_data) if eval_data else None
     return _record(registry, built, {"kind": "uniform"}, metrics, None, eval_digest, alias, notes, created_by)
+
+
+def _checked_data(registry, parsed, alias, data, eval_data):
+    """(train examples | None, eval examples | None), read and checked, and the alias, before any
+    model is built: a malformed line or an intent naming no pinned expert fails here."""
+    from atmoe.data import check_intents, read_examples
+    from atmoe.registry.names import validate_name
+
+    if alias is not None:
+        validate_name(alias, "alias")
+    train = read_examples(data) if data is not None else None
+    evaluation = read_examples(eval_data) if eval_data else None
+    with registry.session() as session:
+        composition, _ = resolve_router(session, parsed, required=False)
+        experts = [member.expert.name for member in composition.members]
+    for examples in (train, evaluation):
+        if examples:
+            check_intents(examples, experts)
+    return train, evaluation
 
 
 def _record(registry, built: Built, hyperparameters, metrics, train_digest, eval_digest, alias, notes, created_by):
