@@ -55,6 +55,11 @@ class StoreMismatch(AtmoeError):
     """A blob store that belongs to another catalog (or a new database over a store full of blobs)."""
 
 
+class StoreUnavailable(AtmoeError):
+    """The blob store cannot be reached or refused a request (no bucket, no access, no network), after
+    the bounded retries; nothing was committed."""
+
+
 class GroupConflict(AtmoeError, ValueError):
     """A new version of an expert in another group than its earlier versions."""
 

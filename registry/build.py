@@ -7,6 +7,7 @@ blob fails the build before a single weight is parsed or the base model is loade
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
@@ -15,7 +16,9 @@ from atmoe.errors import InvalidAdapter
 from atmoe.registry.compositions import composition_config, members_by_group
 from atmoe.registry.models import Composition, Expert, Router
 from atmoe.registry.routers import resolve_router
-from atmoe.registry.store import BlobStore
+
+if TYPE_CHECKING:
+    from atmoe.registry.registry import Store
 
 
 @dataclass
@@ -40,7 +43,7 @@ class Built:
         }
 
 
-def _expert_bytes(store: BlobStore, expert: Expert) -> dict[str, bytes]:
+def _expert_bytes(store: Store, expert: Expert) -> dict[str, bytes]:
     return {f.path: store.open_verified(f.sha256) for f in expert.files}
 
 
@@ -54,7 +57,7 @@ def _adapter(expert: Expert, files: dict[str, bytes]):
 
 def build_composition(
     session: Session,
-    store: BlobStore,
+    store: Store,
     ref: str,
     *,
     router: bool = True,

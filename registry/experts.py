@@ -125,9 +125,9 @@ def _check_stored(registry: Registry, info: AdapterInfo, stored: list[tuple[str,
     from atmoe.registry.validate import CONFIG_FILE, WEIGHTS_FILE, read_safetensors_header
 
     blobs = dict(stored)
-    if read_safetensors_header(registry.store.path_for(blobs[WEIGHTS_FILE].digest)) != info.header:
+    if read_safetensors_header(registry.store.local_path(blobs[WEIGHTS_FILE].digest)) != info.header:
         raise InvalidAdapter(f"{WEIGHTS_FILE}: changed while it was being added; try again")
-    config_bytes = registry.store.path_for(blobs[CONFIG_FILE].digest).read_bytes()
+    config_bytes = registry.store.local_path(blobs[CONFIG_FILE].digest).read_bytes()
     if json.loads(config_bytes) != info.config:
         raise InvalidAdapter(f"{CONFIG_FILE}: changed while it was being added; try again")
 

@@ -4,15 +4,13 @@ references and stale temp files (a dry run unless asked).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from atmoe.errors import ChecksumMismatch, UsageError
+from atmoe.errors import UsageError
 from atmoe.registry.experts import get_expert, list_experts
 from atmoe.registry.models import Composition, ExpertFile, Router
 
@@ -69,11 +67,7 @@ def verify(registry: Registry, ref: str | None = None) -> VerifyReport:
 
     def check(digest: str) -> str | None:
         if digest not in results:
-            try:
-                registry.store.path_verified(digest)
-                results[digest] = None
-            except ChecksumMismatch as error:
-                results[digest] = str(error)
+            results[digest] = registry.store.check(digest)
         return results[digest]
 
     with registry.session() as session:
@@ -154,30 +148,21 @@ def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600)
     if not dry_run:
         registry.check_store_is_ours()
     store = registry.store
+    cutoff = store.now() - grace_seconds  # the store's clock: an object store's, not this machine's
     with registry.session() as session:
         referenced = referenced_digests(session)
-    cutoff = time.time() - grace_seconds
-    for digest in store.iter_digests():
+    for digest, info in store.iter_blobs():
         if digest in referenced:
             continue
-        try:
-            info = store.path_for(digest).stat()
-        except FileNotFoundError:
-            continue
-        if info.st_mtime > cutoff:
+        if info.mtime > cutoff:
             report.kept_recent += 1
             continue
-        report.blobs.append({"digest": digest, "size": info.st_size})
-    for temp in store.iter_temp_files():
-        try:
-            if temp.stat().st_mtime <= cutoff:
-                report.temp_files.append(str(temp))
-        except FileNotFoundError:
-            continue
+        report.blobs.append({"digest": digest, "size": info.size})
+    report.temp_files = store.stale_temporaries(cutoff)
     if not dry_run:
         report.blobs = _remove_unreferenced(registry, report.blobs, cutoff)
         # a temp file a live writer still holds (its lock) is a write in flight, whatever --grace says
-        report.temp_files = [t for t in report.temp_files if store.remove_abandoned_temp(Path(t))]
+        report.temp_files = [t for t in report.temp_files if store.remove_temporary(t)]
     return report
 
 
@@ -193,11 +178,10 @@ def _remove_unreferenced(registry: Registry, candidates: list[dict[str, Any]], c
         referenced = referenced_digests(session)  # read again: rows committed since the first look count
         for blob in candidates:
             digest = blob["digest"]
-            try:
-                fresh = store.path_for(digest).stat().st_mtime > cutoff  # touched by a writer since
-            except FileNotFoundError:
+            info = store.stat(digest)
+            if info is None:
                 continue
-            if digest in referenced or fresh:
+            if digest in referenced or info.mtime > cutoff:  # referenced, or touched by a writer since
                 continue
             store.remove(digest)
             removed.append(blob)

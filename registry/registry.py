@@ -35,19 +35,33 @@ from atmoe.registry.records import CompositionRecord, ExpertRecord, GroupRecord,
 from atmoe.registry.store import BlobStore
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from atmoe.registry.build import Built
+    from atmoe.registry.s3store import S3Store
+
+    Store: TypeAlias = BlobStore | S3Store
     from atmoe.registry.router_training import TrainedRouter
 
 T = TypeVar("T")
 
 
+def open_store(settings: Settings) -> Store:
+    """The blob store the settings name: a directory, or an S3 bucket with its local cache."""
+    if isinstance(settings.store, Path):
+        return BlobStore(settings.store)
+    from atmoe.registry.s3store import S3Store
+
+    return S3Store(settings.store, settings.cache or settings.home / "cache")
+
+
 class Registry:
-    def __init__(self, settings: Settings, engine: Engine, store: BlobStore) -> None:
+    def __init__(self, settings: Settings, engine: Engine, store: Store) -> None:
         self.settings = settings
         self.home: Path = settings.home
         self.db_url: str = settings.db_url
         self.engine: Engine = engine
-        self.store: BlobStore = store
+        self.store: Store = store
         self._write_engine = db.write_engine(engine)
 
     @classmethod
@@ -72,7 +86,7 @@ class Registry:
         sqlite_file = db.sqlite_path(settings.db_url)
         existed = sqlite_file is None or sqlite_file.exists()
         engine = db.create_registry_engine(settings.db_url, warn=warn)
-        registry = cls(settings, engine, BlobStore(settings.store))
+        registry = cls(settings, engine, open_store(settings))
         refused_blank = False
         try:
             registry.store.ensure()
@@ -81,7 +95,7 @@ class Registry:
                     refused_blank = True
                     raise StoreMismatch(
                         f"the database {engine.url.render_as_string(hide_password=True)} is new, but the store "
-                        f"{registry.store.root} already holds blobs (of catalog "
+                        f"{registry.store.location} already holds blobs (of catalog "
                         f"{registry.store.catalog_id() or 'unknown'}): restore that catalog's database, point "
                         "--db at it, or use an empty --store; nothing was created"
                     )
@@ -118,12 +132,12 @@ class Registry:
         theirs, ours = self.store.catalog_id(), self.catalog_id
         if theirs != ours:
             raise StoreMismatch(
-                f"the store {self.store.root} belongs to catalog {theirs or 'unknown'}, not to this database's "
+                f"the store {self.store.location} belongs to catalog {theirs or 'unknown'}, not to this database's "
                 f"catalog {ours}: gc --apply would delete that catalog's blobs; use the store of this catalog"
             )
 
     def __repr__(self) -> str:
-        return f"Registry(db={self.engine.url!r}, store={str(self.store.root)!r})"
+        return f"Registry(db={self.engine.url!r}, store={self.store.location!r})"
 
     def __enter__(self) -> Registry:
         return self
@@ -192,7 +206,7 @@ class Registry:
             rewrite()
             if not self.store.has(digest):
                 raise ChecksumMismatch(
-                    f"blob sha256:{digest} vanished from the store {self.store.root} "
+                    f"blob sha256:{digest} vanished from the store {self.store.location} "
                     "and could not be written again; nothing was committed"
                 )
 
@@ -292,7 +306,7 @@ class Registry:
         return {
             "home": str(self.home),
             "db_url": self.engine.url.render_as_string(hide_password=True),
-            "store": str(self.store.root),
+            "store": self.store.location,
             "revision": self.current_revision(),
             "head": db.HEAD,
         }

@@ -1,4 +1,8 @@
-"""Content-addressed blob store: ``ROOT/sha256/ab/cdef...`` (the digest split after two hex digits).
+"""Content-addressed blob store on a local (or mounted) filesystem: ``ROOT/sha256/ab/cdef...`` (the
+digest split after two hex digits). ``s3store.py`` keeps the same layout in an S3 bucket, with this
+store as its local cache; both offer the methods ``integrity``, ``experts``, ``build`` and the
+archive use (``location``, ``put_*``, ``has``/``stat``, ``check``, ``path_verified``/``open_verified``,
+``iter_blobs``, ``remove``, the temporaries gc removes, the catalog marker).
 
 A blob is streamed into a temp file ``ROOT/sha256/.tmp-*`` (same filesystem, so the rename is
 atomic), hashed while written in 1 MiB chunks, fsynced, made read-only and renamed into place; the
@@ -36,6 +40,14 @@ class StoredBlob:
     digest: str
     size: int
     created: bool  # False when identical content was already in the store
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """A stored blob's size and age (modification time, seconds since the epoch, on the store's clock)."""
+
+    size: int
+    mtime: float
 
 
 def check_digest(digest: str) -> str:
@@ -144,6 +156,11 @@ class BlobStore:
     def __repr__(self) -> str:
         return f"BlobStore({str(self.root)!r})"
 
+    @property
+    def location(self) -> str:
+        """Where the store is, as messages name it."""
+        return str(self.root)
+
     def ensure(self) -> None:
         self.blobs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -189,9 +206,31 @@ class BlobStore:
     def size(self, digest: str) -> int:
         return self.path_for(digest).stat().st_size
 
+    def stat(self, digest: str) -> BlobInfo | None:
+        """Size and age of the blob, None when it is not in the store as a regular file."""
+        try:
+            info = self.path_for(digest).lstat()
+        except FileNotFoundError:
+            return None
+        return BlobInfo(info.st_size, info.st_mtime) if stat.S_ISREG(info.st_mode) else None
+
+    def local_path(self, digest: str) -> Path:
+        """A local file holding the blob (not re-hashed: for a cheap re-read right after a put)."""
+        return self.path_for(digest)
+
+    @staticmethod
+    def now() -> float:
+        """The store's clock (gc's grace period is measured on it)."""
+        import time
+
+        return time.time()
+
     # -- writing -----------------------------------------------------------------------------
-    def put_stream(self, source: BinaryIO, *, inspect: Inspect | None = None) -> StoredBlob:
-        """Store the bytes of ``source`` (read to its end) and return their digest."""
+    def put_stream(
+        self, source: BinaryIO, *, inspect: Inspect | None = None, expected: str | None = None
+    ) -> StoredBlob:
+        """Store the bytes of ``source`` (read to its end) and return their digest. With ``expected``,
+        bytes that hash to anything else are not stored (``ChecksumMismatch``): a fetch into a cache."""
         self.ensure()
         fd, temp = self._locked_temp()
         try:
@@ -210,6 +249,8 @@ class BlobStore:
                 size += n
             os.fsync(fd)
             digest = hasher.hexdigest()
+            if expected is not None and digest != expected:
+                raise self._altered(expected, digest)
             final = self.path_for(digest)
             if self._intact(final, digest, size):
                 try:
@@ -278,6 +319,15 @@ class BlobStore:
 
         return self.put_stream(io.BytesIO(data))
 
+    def open_stream(self, digest: str) -> BinaryIO:
+        """The blob for reading (the caller hashes what it reads: the archive export does)."""
+        try:
+            return open_regular(self.path_for(digest))
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+        except NotRegularFile:
+            raise self._not_regular(digest) from None
+
     # -- reading -----------------------------------------------------------------------------
     def _missing(self, digest: str) -> ChecksumMismatch:
         return ChecksumMismatch(f"blob sha256:{digest} is missing from the store {self.root}")
@@ -331,6 +381,28 @@ class BlobStore:
         return data
 
     # -- listing and removal (gc) ---------------------------------------------------------------
+    def iter_blobs(self) -> Iterator[tuple[str, BlobInfo]]:
+        """Every blob with its size and age, by digest."""
+        for digest in self.iter_digests():
+            info = self.stat(digest)
+            if info is not None:
+                yield digest, info
+
+    def stale_temporaries(self, cutoff: float) -> list[str]:
+        """Temp files last written before ``cutoff`` (what gc may remove: see ``remove_temporary``)."""
+        stale = []
+        for temp in self.iter_temp_files():
+            try:
+                if temp.stat().st_mtime <= cutoff:
+                    stale.append(str(temp))
+            except FileNotFoundError:
+                continue
+        return stale
+
+    def remove_temporary(self, name: str) -> bool:
+        """Remove a stale temp file unless a live writer still holds it; True if removed."""
+        return self.remove_abandoned_temp(Path(name))
+
     def iter_digests(self) -> Iterator[str]:
         if not self.blobs_dir.is_dir():
             return

@@ -83,7 +83,7 @@ def _check_invariants() -> dict[str, int]:
     return {"rows": rows, "temp_files": len(_temp_files(blobs_dir)), "blobs": len(_blob_files(blobs_dir))}
 
 
-def test_kill_9_during_add_expert_leaves_a_consistent_catalog(big_adapter: Path) -> None:
+def test_kill_9_during_add_expert_leaves_a_consistent_catalog(big_adapter: Path, local_store_only: None) -> None:
     assert ATMOE_REG.exists(), ATMOE_REG
     ok("init")
     blobs_dir = resolve().store / "sha256"

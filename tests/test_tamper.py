@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from store_tools import drop_cached, flip_byte  # noqa: E402
 from synthetic_lora import assert_one_line, invoke, ok, write_adapter  # noqa: E402
 
 from atmoe.errors import ChecksumMismatch  # noqa: E402
@@ -52,17 +53,13 @@ def catalog(tmp_path: Path) -> dict[str, str]:
 
 
 def _alter(digest: str, *, offset: int = -1) -> None:
-    with Registry.open() as registry:
-        path = registry.store.path_for(digest)
-    path.chmod(0o644)  # blobs are read-only
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_byte(digest, offset)
 
 
 def _remove(digest: str) -> None:
     with Registry.open() as registry:
         registry.store.remove(digest)
+    drop_cached(digest)
 
 
 @pytest.fixture

@@ -128,7 +128,9 @@ def export_archive(
         try:
             actual = registry.store.size(digest)
         except FileNotFoundError:
-            raise ChecksumMismatch(f"blob sha256:{digest} is missing from the store {registry.store.root}") from None
+            raise ChecksumMismatch(
+                f"blob sha256:{digest} is missing from the store {registry.store.location}"
+            ) from None
         if size not in (-1, actual):
             raise ChecksumMismatch(f"blob sha256:{digest} has {actual} bytes in the store, the catalog says {size}")
         digests[digest] = actual
@@ -158,7 +160,7 @@ def export_archive(
             data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
             tar.addfile(_tarinfo(MANIFEST, len(data)), io.BytesIO(data))
             for digest, size in sorted(digests.items()):
-                with open(registry.store.path_for(digest), "rb") as handle:
+                with registry.store.open_stream(digest) as handle:
                     reader = _HashingReader(handle)
                     tar.addfile(_tarinfo(BLOB_PREFIX + digest, size), reader)
                 actual = reader.hasher.hexdigest()
