@@ -14,7 +14,10 @@ PACKAGES = sys.argv[1:] or ["transformers", "peft", "accelerate"]
 
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
 # the core dependencies, then the extras' (boto3 of the s3 extra, say)
-requirements = [*project["dependencies"], *(r for extra in project.get("optional-dependencies", {}).values() for r in extra)]
+requirements = [
+    *project["dependencies"],
+    *(r for extra in project.get("optional-dependencies", {}).values() for r in extra),
+]
 for wanted in PACKAGES:
     for requirement in requirements:
         name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
