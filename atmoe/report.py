@@ -117,3 +117,29 @@ def heatmap_png(routings: Mapping[str, Routing], path: str, *, title: str = "AT-
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def evaluations_png(rows: Sequence[Mapping], path: str, *, title: str = "Routers compared") -> str:
+    """A bar chart of eval loss and exact match per router (``evals --plot``), one panel per metric; needs
+    matplotlib. ``rows``: ``evals --json`` rows of one data file."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AtmoeError("--plot needs matplotlib: pip install 'atmoe-registry[plot]'") from None
+    labels = [f"{r['router']}\n{r['kind']}" for r in rows]
+    metrics = [("eval_loss", "eval loss (lower is better)"), ("exact_match", "exact match (higher is better)")]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(max(6.0, 1.2 * len(rows) * len(metrics)), 4))
+    for axis, (key, label) in zip(axes, metrics):
+        values = [float(r["metrics"].get(key, float("nan"))) for r in rows]
+        bars = axis.bar(range(len(rows)), values, color="#4c72b0")
+        axis.bar_label(bars, fmt="%.3f", fontsize=8)
+        axis.set_xticks(range(len(rows)), labels, fontsize=8)
+        axis.set_title(label, fontsize=10)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -278,3 +278,24 @@ class RouterAlias(Base):
 
     def __repr__(self) -> str:
         return f"RouterAlias({self.composition_name!r}, {self.alias!r} -> router_id={self.router_id})"
+
+
+class Evaluation(Base):
+    """A router's scores on one data file (by digest): ``atmoe-reg eval``; never changed once stored."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    router_id: Mapped[int] = mapped_column(ForeignKey("routers.id", ondelete="CASCADE"), index=True)
+    data_digest: Mapped[str] = mapped_column(String(DIGEST_LENGTH), index=True)
+    examples: Mapped[int] = mapped_column(Integer)
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)  # batch size, max length, new tokens
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    library_versions: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(256))
+
+    router: Mapped[Router] = relationship(lazy="joined")
+
+    def __repr__(self) -> str:
+        return f"Evaluation(router_id={self.router_id}, data={self.data_digest[:12]})"

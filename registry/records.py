@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from atmoe.config import AtmoeConfig
 
 if TYPE_CHECKING:
-    from atmoe.registry.models import Composition, Expert, Router
+    from atmoe.registry.models import Composition, Evaluation, Expert, Router
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -307,4 +307,50 @@ class RouterRecord:
             "created_at": _iso(self.created_at),
             "created_by": self.created_by,
             "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """A router's stored scores on one data file (``atmoe-reg eval``), for ``evals`` to compare."""
+
+    id: int
+    router: str  # NAME@VERSION:NUMBER
+    kind: str
+    data_digest: str
+    examples: int
+    metrics: Mapping[str, Any]
+    settings: Mapping[str, Any]
+    library_versions: Mapping[str, str]
+    created_at: datetime | None
+    created_by: str | None
+
+    @classmethod
+    def from_row(cls, evaluation: Evaluation) -> EvaluationRecord:
+        router = evaluation.router
+        return cls(
+            id=evaluation.id,
+            router=f"{router.composition.ref}:{router.number}",
+            kind=str((router.hyperparameters or {}).get("kind", "trained")),
+            data_digest=evaluation.data_digest,
+            examples=evaluation.examples,
+            metrics=dict(evaluation.metrics or {}),
+            settings=dict(evaluation.settings or {}),
+            library_versions=dict(evaluation.library_versions or {}),
+            created_at=evaluation.created_at,
+            created_by=evaluation.created_by,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "router": self.router,
+            "kind": self.kind,
+            "data_digest": self.data_digest,
+            "examples": self.examples,
+            "metrics": dict(self.metrics),
+            "settings": dict(self.settings),
+            "library_versions": dict(self.library_versions),
+            "created_at": _iso(self.created_at),
+            "created_by": self.created_by,
         }

@@ -400,6 +400,20 @@ class Registry:
         kwargs.setdefault("created_by", current_user())
         return record_uniform(self, ref, **kwargs)
 
+    def evaluate(self, ref: str, **kwargs: Any) -> Any:
+        """Score a router on a data file and store the row; see ``evaluations.evaluate_and_record``."""
+        from atmoe.registry.evaluations import evaluate_and_record
+
+        kwargs.setdefault("created_by", current_user())
+        return evaluate_and_record(self, ref, **kwargs)
+
+    def evaluations(self, name: str, *, data_digest: str | None = None) -> Any:
+        """The stored evaluations of every router of composition ``name``."""
+        from atmoe.registry.evaluations import list_evaluations
+
+        with self.session() as session:
+            return list_evaluations(session, name, data_digest=data_digest)
+
     def routers(self, ref: str) -> list[RouterRecord]:
         from atmoe.registry import routers
 
