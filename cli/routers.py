@@ -57,7 +57,7 @@ def _with_router(ref: str, router: str | None) -> str:
     return f"{ref}:{router}"
 
 
-ROUTER_KINDS = ("trained", "uniform")
+ROUTER_KINDS = ("trained", "uniform", "lorahub")
 
 
 @main.command("train-router")
@@ -67,7 +67,8 @@ ROUTER_KINDS = ("trained", "uniform")
     type=click.Choice(ROUTER_KINDS),
     default="trained",
     show_default=True,
-    help="trained: learn the routers on --data; uniform: equal weights inside each group and over groups, no data.",
+    help="trained: learn the routers on --data; uniform: equal weights inside each group and over groups, no data; "
+    "lorahub: static weights searched without gradients on 5-50 --data examples.",
 )
 @click.option(
     "--data",
@@ -76,15 +77,27 @@ ROUTER_KINDS = ("trained", "uniform")
 )
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False), help="Evaluation JSONL.")
 @dataclass_options(TrainConfig)
+@click.option("--budget", type=int, help="lorahub: loss evaluations of the search (default 40).")
+@click.option("--l1", type=float, help="lorahub: L1 penalty on the weights' logits (default 0.05).")
 @click.option("--alias", help="Point this alias (e.g. prod) at the new router.")
 @click.option("--notes", help="Free text recorded with the router.")
 @base_option
 @json_option
-def train_router(ref, kind, data, eval_data, alias, notes, base_model, as_json, **hyperparameters) -> None:
+def train_router(ref, kind, data, eval_data, budget, l1, alias, notes, base_model, as_json, **hyperparameters) -> None:
     """Train the routers of a composition (experts frozen) and record them as its next router."""
     config = pop_config(TrainConfig, hyperparameters)
     registry = get_registry()
-    if kind == "uniform":
+    if kind != "lorahub" and (budget is not None or l1 is not None):
+        raise UsageError("--budget and --l1 are options of --kind lorahub")
+    if kind == "lorahub":
+        if data is None:
+            raise UsageError("--kind lorahub needs --data FILE (5 to 50 examples)")
+        trained = registry.record_lorahub_router(
+            ref, data=data, eval_data=eval_data, budget=40 if budget is None else budget,
+            l1=0.05 if l1 is None else l1, seed=config.seed, alias=alias, notes=notes, base_model=base_model,
+            batch_size=config.batch_size, max_length=config.max_length,
+        )  # fmt: skip
+    elif kind == "uniform":
         if data is not None:
             raise UsageError("--kind uniform takes no --data (it learns nothing); --eval scores it")
         trained = registry.record_uniform_router(

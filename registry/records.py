@@ -271,7 +271,7 @@ class RouterRecord:
 
     @property
     def kind(self) -> str:
-        """How the router was made: ``trained`` (train-router on data) or ``uniform``."""
+        """How the router was made: ``trained`` (train-router on data), ``uniform`` or ``lorahub``."""
         return str(self.hyperparameters.get("kind", "trained"))
 
     @classmethod

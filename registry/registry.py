@@ -400,6 +400,13 @@ class Registry:
         kwargs.setdefault("created_by", current_user())
         return record_uniform(self, ref, **kwargs)
 
+    def record_lorahub_router(self, ref: str, **kwargs: Any) -> TrainedRouter:
+        """Search and record the ``lorahub`` router of ``ref``; see ``router_training.record_lorahub``."""
+        from atmoe.registry.router_training import record_lorahub
+
+        kwargs.setdefault("created_by", current_user())
+        return record_lorahub(self, ref, **kwargs)
+
     def evaluate(self, ref: str, **kwargs: Any) -> Any:
         """Score a router on a data file and store the row; see ``evaluations.evaluate_and_record``."""
         from atmoe.registry.evaluations import evaluate_and_record

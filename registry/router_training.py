@@ -102,6 +102,61 @@ def record_uniform(
     return _record(registry, built, {"kind": "uniform"}, metrics, None, eval_digest, alias, notes, created_by)
 
 
+def record_lorahub(
+    registry,
+    ref: str,
+    *,
+    data: str | Path,
+    eval_data: str | Path | None = None,
+    budget: int = 40,
+    l1: float = 0.05,
+    seed: int = 0,
+    alias: str | None = None,
+    notes: str | None = None,
+    created_by: str | None = None,
+    base_model: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> TrainedRouter:
+    """Record the ``lorahub`` router of ``ref``: static per-expert weights found by a gradient-free
+    search on the 5 to 50 examples of ``data`` (``atmoe/lorahub.py``)."""
+    from atmoe.data import data_digest
+    from atmoe.lorahub import MAX_EXAMPLES, MIN_EXAMPLES, search_weights
+    from atmoe.training import evaluate
+
+    parsed = parse_ref(ref)
+    if parsed.router is not None:
+        raise UsageError(f"{ref!r} names a router; a lorahub router is searched from nothing: name the composition")
+    train, evaluation = _checked_data(registry, parsed, alias, data, eval_data)
+    assert train is not None
+    if not MIN_EXAMPLES <= len(train) <= MAX_EXAMPLES:
+        raise UsageError(
+            f"{data}: {len(train)} examples; --kind lorahub searches on {MIN_EXAMPLES} to {MAX_EXAMPLES} "
+            "(LoraHub's few-shot setting)"
+        )
+    built = registry.build(ref, router=False, base_model=base_model)
+    found = search_weights(
+        built.model, built.tokenizer, train, budget=budget, l1=l1, seed=seed, batch_size=batch_size,
+        max_length=max_length,
+    )  # fmt: skip
+    metrics: dict = {
+        "train_loss": found.loss,
+        "objective": found.objective,
+        "uniform_train_loss": found.uniform_loss,
+        "uniform_objective": found.uniform_objective,
+        "evaluations": found.evaluations,
+        "history": found.history,
+    }
+    if evaluation:
+        scores = evaluate(built.model, built.tokenizer, evaluation, batch_size=batch_size, max_length=max_length)
+        metrics["eval_loss"] = scores["loss"]
+        if "routing_accuracy" in scores:
+            metrics["routing_accuracy"] = scores["routing_accuracy"]
+    hyperparameters = {"kind": "lorahub", "budget": budget, "l1": l1, "seed": seed, "weights": found.weights}
+    eval_digest = data_digest(eval_data) if eval_data else None
+    return _record(registry, built, hyperparameters, metrics, data_digest(data), eval_digest, alias, notes, created_by)
+
+
 def _checked_data(registry, parsed, alias, data, eval_data):
     """(train examples | None, eval examples | None), read and checked, and the alias, before any
     model is built: a malformed line or an intent naming no pinned expert fails here."""

@@ -1,0 +1,139 @@
+"""Router kinds beyond training: static weights for every router design, and lorahub's search.
+
+Every kind gives weights that sum to 1 per block (and per group inside it), padding weighted 0; lorahub
+improves its objective on data made by one known expert, puts the most weight on it, is deterministic
+for a seed, and is recorded and routed like any router."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_lora import invoke  # noqa: E402
+from test_flow import DOMAIN, FILLER, FUNCTIONAL, STYLE, run, workspace  # noqa: E402,F401  (the module's fixture)
+
+from atmoe.config import AtmoeConfig  # noqa: E402
+from atmoe.static_routing import set_static_weights  # noqa: E402
+
+
+def _tiny(**config) -> object:
+    from atmoe import build_atmoe
+    from atmoe.testing import make_peft_adapter, make_tiny_llama
+
+    base = make_tiny_llama(vocab=64, seed=1)
+    root = Path(__import__("tempfile").mkdtemp())
+    paths = {n: make_peft_adapter(base, root / n, r=2, seed=i) for i, n in enumerate(["a", "b", "c", "d"])}
+    groups = {"g1": {"a": paths["a"], "b": paths["b"], "c": paths["c"]}, "g2": {"d": paths["d"]}}
+    return build_atmoe(base, groups, config=AtmoeConfig(**config)).eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"router": "flat"}, {"static_inside": True}, {"shared_router": True}, {"temperature": 0.5}],
+    ids=["grouped", "flat", "static-inside", "shared", "tau-0.5"],
+)
+def test_static_weights_are_exact_for_every_router_design(config) -> None:
+    model = _tiny(**config)
+    wanted = {"a": 0.5, "b": 0.0, "c": 0.2, "d": 0.3}
+    set_static_weights(model, wanted)
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for block in model.last_routing():
+        assert block["experts"] == pytest.approx(wanted, abs=1e-6)
+        assert block["groups"] == pytest.approx({"g1": 0.7, "g2": 0.3}, abs=1e-6)
+    set_static_weights(model, {"d": 2.0})  # normalised; a group of weight 0 splits evenly inside (any split mixes 0)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for block in model.last_routing():
+        assert block["experts"] == pytest.approx({"a": 0, "b": 0, "c": 0, "d": 1}, abs=1e-6)
+
+
+def test_static_weights_refuse_what_is_not_a_distribution() -> None:
+    from atmoe.errors import UsageError
+
+    model = _tiny()
+    for bad, message in (({"zz": 1}, "not an expert"), ({"a": -1}, ">= 0"), ({"a": 0}, "not all be 0")):
+        with pytest.raises(UsageError, match=message):
+            set_static_weights(model, bad)
+
+
+@pytest.fixture
+def composed(workspace):  # noqa: F811
+    for group, names in (("functional", FUNCTIONAL), ("domain", DOMAIN), ("style", STYLE)):
+        for name in names:
+            run("add-expert", str(workspace["paths"][name]), "--name", name, "--group", group)
+    run("compose", "--name", "medqa", "--groups", "functional,domain,style")
+    return workspace
+
+
+def _one_expert_data(path: Path, expert: str, count: int = 12) -> Path:
+    """Examples whose answers are what the composition says with ``expert`` alone at full weight."""
+    from atmoe.registry import Registry
+
+    with Registry.open() as registry:
+        built = registry.build("medqa", router=False)
+    rng = random.Random(3)
+    lines = []
+    for _ in range(count):
+        prompt = " ".join([rng.choice(FUNCTIONAL), rng.choice(DOMAIN), *rng.sample(FILLER, 2)])
+        ids = torch.tensor([built.tokenizer(prompt)["input_ids"]])
+        with built.model.forced_routing({expert: 1.0}), torch.no_grad():
+            out = built.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0
+            )
+        response = built.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() or "x0"
+        lines.append(json.dumps({"prompt": prompt, "response": response}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_lorahub_finds_the_expert_that_made_the_data_and_is_recorded_as_a_router(composed, tmp_path) -> None:
+    data = _one_expert_data(tmp_path / "db.jsonl", "db")
+    search = ("train-router", "medqa", "--kind", "lorahub", "--data", str(data), "--budget", "30", "--json")
+    first = json.loads(run(*search, "--alias", "hub"))
+    assert first["kind"] == "lorahub" and first["ref"] == "medqa@1:1" and first["data_digest"]
+    weights = first["hyperparameters"]["weights"]
+    assert sum(weights.values()) == pytest.approx(1.0) and max(weights, key=weights.get) == "db"
+    metrics = first["metrics"]
+    assert metrics["objective"] < metrics["uniform_objective"]  # improved on the uniform start
+    assert metrics["train_loss"] < metrics["uniform_train_loss"]
+    assert metrics["history"] == sorted(metrics["history"], reverse=True)  # best-so-far never rises
+    again = json.loads(run(*search))  # same data, budget, penalty and seed: same weights
+    assert again["hyperparameters"]["weights"] == weights and again["ref"] == "medqa@1:2"
+
+    routed = json.loads(run("route", "medqa:hub", "fa da w1 w2", "--json"))
+    for block in routed["blocks"]:  # a static router: the recorded weights in every block, any prompt
+        assert block["experts"] == pytest.approx(weights, abs=1e-5)
+        for group, members in (("functional", FUNCTIONAL), ("domain", DOMAIN), ("style", STYLE)):
+            assert block["groups"][group] == pytest.approx(sum(weights[m] for m in members), abs=1e-5)
+
+
+def test_lorahub_bad_input_is_one_line_and_records_nothing(composed, tmp_path, snapshot) -> None:
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"prompt": "fa", "response": "x"}) + "\n" for _ in range(4)))
+    enough = tmp_path / "enough.jsonl"
+    enough.write_text("".join(json.dumps({"prompt": "fa", "response": "x"}) + "\n" for _ in range(6)))
+    before = snapshot()
+    cases = [
+        (("train-router", "medqa", "--kind", "lorahub"), "needs --data"),
+        (
+            ("train-router", "medqa", "--kind", "lorahub", "--data", str(few)),
+            "4 examples; --kind lorahub searches on 5 to 50",
+        ),
+        (("train-router", "medqa", "--kind", "lorahub", "--data", str(enough), "--budget", "0"), "--budget"),
+        (("train-router", "medqa", "--kind", "lorahub", "--data", str(enough), "--l1", "-1"), "--l1"),
+        (("train-router", "medqa", "--kind", "uniform", "--budget", "5"), "options of --kind lorahub"),
+        (("train-router", "medqa:1", "--kind", "lorahub", "--data", str(enough)), "names a router"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert snapshot() == before, args
