@@ -26,7 +26,7 @@ from atmoe.registry.netfs import default_warn, warn_network_filesystem
 __all__ = ["default_warn", "warn_network_filesystem"]  # re-exported: Registry.open takes them from here
 
 # Every revision this tool knows, oldest first (tests/test_migrations.py checks this against Alembic).
-KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0005")
 HEAD = KNOWN_REVISIONS[-1]
 REGISTRY_TABLES = frozenset(
     {
@@ -38,6 +38,8 @@ REGISTRY_TABLES = frozenset(
         "routers",
         "router_aliases",
         "catalog_identity",
+        "expert_aliases",
+        "events",
     }
 )
 UPGRADE_HINT = "run atmoe-reg db upgrade"

@@ -100,8 +100,8 @@ def test_older_schema_is_refused_then_upgraded_with_its_data(engine: Any, snapsh
 
     result = invoke("db", "upgrade")
     assert result.exit_code == 0, result.output
-    assert "from 0001 to 0003" in result.stderr
-    assert invoke("db", "current").stdout.strip() == "0003 (head)"
+    assert f"from 0001 to {db.HEAD}" in result.stderr
+    assert invoke("db", "current").stdout.strip() == f"{db.HEAD} (head)"
     listed = invoke("list", "--json")
     assert listed.exit_code == 0
     import json
@@ -113,7 +113,7 @@ def test_older_schema_is_refused_then_upgraded_with_its_data(engine: Any, snapsh
     with Registry.open() as registry, registry.session() as session:
         expert = session.scalars(select(Expert)).one()
         assert [f.sha256 for f in expert.files] == ["b" * 64]
-    assert "already at schema 0003" in invoke("db", "upgrade").stderr
+    assert f"already at schema {db.HEAD}" in invoke("db", "upgrade").stderr
 
 
 def test_unknown_revision_is_refused_with_a_hint(engine: Any, snapshot: Callable[[], Any]) -> None:
