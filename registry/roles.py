@@ -160,16 +160,22 @@ def no_roles_on_sqlite() -> UsageError:
     )
 
 
-def role_names(session: Session) -> dict[str, str]:
-    """{kind: group role} of this catalog: ``atmoe_<database>[_<schema>]_<kind>``, made of
-    lower-case letters, digits and ``_``; names that had to change (or be cut to PostgreSQL's 63
-    characters) end in a hash of the original, so two catalogs never share a role."""
-    database, schema = session.execute(text("SELECT current_database(), current_schema()")).one()
+def group_role_names(database: str, schema: str = "public") -> dict[str, str]:
+    """{kind: group role} of the catalog in ``database`` (and ``schema``):
+    ``atmoe_<database>[_<schema>]_<kind>``, of lower-case letters, digits and ``_``; a name that had to
+    change (or be cut to PostgreSQL's 63 characters) ends in a hash of the original instead, so that
+    two catalogs on one server never share a role."""
     original = database if schema == "public" else f"{database}_{schema}"
     base = re.sub(r"[^a-z0-9_]", "_", original.lower())
     if base != original or len(base) > 48:
         base = f"{base[:39]}_{hashlib.sha256(original.encode()).hexdigest()[:8]}"
     return {kind: f"atmoe_{base}_{kind}" for kind in KINDS}
+
+
+def role_names(session: Session) -> dict[str, str]:
+    """{kind: group role} of the catalog this session works on (``group_role_names``)."""
+    database, schema = session.execute(text("SELECT current_database(), current_schema()")).one()
+    return group_role_names(str(database), str(schema))
 
 
 def _quote(session: Session, name: str) -> str:
@@ -208,16 +214,20 @@ def _set_up(session: Session, names: dict[str, str]) -> None:
             session.execute(text(f"CREATE ROLE {_quote(session, name)} NOLOGIN"))
     session.execute(text(f"GRANT {q['reader']} TO {q['writer']}"))
     session.execute(text(f"GRANT {q['writer']}, {q['reader']} TO {q['admin']} WITH ADMIN OPTION"))
-    tables = set(session.scalars(text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"))) & set(
-        TABLE_PRIVILEGES
-    )
-    for table in sorted(tables):
+    # each table of the catalog here, with the sequence of its id column if it has one
+    tables = session.execute(
+        text(
+            "SELECT t.tablename, (SELECT pg_get_serial_sequence(format('%I.%I', c.table_schema, c.table_name), 'id') "
+            "FROM information_schema.columns c WHERE c.table_schema = t.schemaname AND c.table_name = t.tablename "
+            "AND c.column_name = 'id') FROM pg_tables t WHERE t.schemaname = current_schema()"
+        )
+    ).all()
+    for table, sequence in sorted((name, seq) for name, seq in tables if name in TABLE_PRIVILEGES):
         quoted = _quote(session, table)
         session.execute(text(f"REVOKE ALL ON {quoted} FROM {q['reader']}, {q['writer']}, {q['admin']}"))
         for kind, privileges in TABLE_PRIVILEGES[table].items():
             session.execute(text(f"GRANT {', '.join(privileges)} ON {quoted} TO {q[kind]}"))
-        sequence = session.execute(text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": table}).scalar()
-        if sequence is not None:  # the id of a new row; every sequence belongs to one of our tables
+        if sequence is not None:  # nextval() for the ids of new rows: only for those who insert
             session.execute(text(f"REVOKE ALL ON SEQUENCE {sequence} FROM {q['writer']}"))
             if INSERT in TABLE_PRIVILEGES[table].get("writer", ()):
                 session.execute(text(f"GRANT USAGE ON SEQUENCE {sequence} TO {q['writer']}"))
