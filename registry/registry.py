@@ -215,8 +215,11 @@ class Registry:
             return db.current_revision(connection)
 
     def upgrade(self) -> tuple[str | None, str | None]:
-        """Upgrade the database to the schema head; returns (before, after)."""
-        return db.upgrade(self.engine)
+        """Upgrade the database to the schema head; returns (before, after). On PostgreSQL the
+        owner's upgrade grants the roles' privileges again (``roles.refresh``), new tables included."""
+        revisions = db.upgrade(self.engine)
+        roles.refresh(self)
+        return revisions
 
     # -- experts -----------------------------------------------------------------------------------
     def add_expert(

@@ -314,6 +314,19 @@ def _revoke(session: Session, names: dict[str, str], role: str, kinds: Iterable[
         raise PermissionDenied(f"{role}'s {kind} role was granted by {grantor}: revoke it as {grantor} or a superuser")
 
 
+def refresh(registry: Registry) -> bool:
+    """After ``db upgrade`` by the catalog's owner: grant the roles' privileges again, tables a new
+    revision added included. True when it did (PostgreSQL, roles set up, run by the owner)."""
+    with registry.write() as session:
+        if not is_postgresql(session):
+            return False
+        names = role_names(session)
+        if len(_existing(session, names.values())) < len(KINDS) or not _owns_catalog(session):
+            return False
+        _set_up(session, names)
+        return True
+
+
 @dataclass(frozen=True)
 class RoleChange:
     """What ``grant`` or ``revoke`` did: the role now (None: no role) and before."""
