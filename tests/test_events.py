@@ -276,3 +276,25 @@ def test_unknown_actions_are_a_programming_error(registry: Registry) -> None:
         with registry.write() as session:
             events.record(session, "dance", "x")
     assert registry.events() == []
+
+
+def test_migration_0005_upgrades_a_catalog_and_downgrades(workspace: dict[str, Path]) -> None:
+    """Down to the revision before 0005 and up again: the experts stay, the log and the aliases go and
+    come back empty, and the log is append-only again (its triggers are made by the upgrade)."""
+    from atmoe.registry import db
+
+    add(workspace, "gastro", "gastro", "domain")
+    ok("alias-expert", "gastro@1", "stable")
+    previous = db.KNOWN_REVISIONS[db.KNOWN_REVISIONS.index("0005") - 1]
+    with Registry.open() as registry:
+        assert db.downgrade(registry.engine, previous) == (db.HEAD, previous)
+    assert_one_line_error(invoke("list"), 1, "run atmoe-reg db upgrade")
+    assert f"to {db.HEAD}" in ok("db", "upgrade").stderr
+    assert [e["name"] for e in json.loads(ok("list", "--json").stdout)] == ["gastro"]
+    assert log() == [] and json.loads(ok("expert-aliases", "--json").stdout) == []
+    ok("alias-expert", "gastro@1", "stable")
+    with Registry.open() as registry:
+        with pytest.raises(DBAPIError, match="append-only"):
+            with registry.engine.begin() as connection:
+                connection.execute(text("DELETE FROM events"))
+    assert [e["target"] for e in log()] == ["gastro@stable"]
