@@ -1,4 +1,8 @@
-"""Team commands: the audit log (``log``), roles (``db grant|revoke|roles``) and expert aliases."""
+"""Team commands: the audit log (``log``), roles (``db grant|revoke|roles``) and expert aliases.
+
+The library checks the words (actions, role kinds) and names the valid ones, so that importing this
+module stays free of SQLAlchemy (``atmoe-reg --help`` starts fast).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,6 @@ from atmoe.cli import output
 from atmoe.cli.app import get_registry, main
 from atmoe.cli.db import db_group
 from atmoe.cli.options import json_option
-from atmoe.registry.events import ACTIONS
-from atmoe.registry.roles import KINDS
 
 # -- the audit log -------------------------------------------------------------------------------
 
@@ -34,7 +36,11 @@ def _details(details: dict[str, Any]) -> str:
     help="Only events since an ISO date/time (UTC unless an offset is given) or a duration back from now: 30m, 2h, 7d, 2w.",
 )
 @click.option("--actor", metavar="USER", help="Only events by this OS user or database role.")
-@click.option("--action", type=click.Choice(ACTIONS), help="Only events of this action.")
+@click.option(
+    "--action",
+    metavar="ACTION",
+    help="Only events of this action: add, remove, compose, train, alias, import, gc, grant, ...",
+)
 @click.option(
     "--target",
     metavar="REF",
@@ -67,7 +73,7 @@ def log(since, actor, action, target, limit, everything, as_json) -> None:  # fm
 
 
 @db_group.command("grant")
-@click.argument("kind", type=click.Choice(KINDS), metavar="reader|writer|admin")
+@click.argument("kind", metavar="reader|writer|admin")
 @click.argument("role")
 def grant(kind: str, role: str) -> None:
     """PostgreSQL: make the database login ROLE a reader, writer or admin of this catalog (its other role goes)."""

@@ -298,3 +298,22 @@ def test_migration_0005_upgrades_a_catalog_and_downgrades(workspace: dict[str, P
             with registry.engine.begin() as connection:
                 connection.execute(text("DELETE FROM events"))
     assert [e["target"] for e in log()] == ["gastro@stable"]
+
+
+def test_the_team_commands_keep_the_command_line_light(workspace: dict[str, Path]) -> None:
+    """Importing the command line loads no SQLAlchemy (``--help`` starts fast), and the team commands
+    never load torch."""
+    import subprocess
+
+    add(workspace, "gastro", "gastro", "domain")
+    code = (
+        "import sys\n"
+        "import atmoe.cli\n"
+        "assert 'sqlalchemy' not in sys.modules, 'sqlalchemy imported by atmoe.cli'\n"
+        "from atmoe.cli import main\n"
+        "for args in (['log'], ['alias-expert', 'gastro@1', 'stable'], ['expert-aliases'], ['show', 'gastro@stable']):\n"
+        "    assert main(args, standalone_mode=False) in (None, 0), args\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr

@@ -320,7 +320,7 @@ def test_grant_refuses_bad_roles_in_one_line(team: dict[str, str], snapshot: Cal
     before = snapshot()
     with Registry.open() as registry, registry.session() as session:
         group = roles.role_names(session)["writer"]
-    assert_one_line(invoke("db", "grant", "superuser", "bob"), 2, "Invalid value")
+    assert_one_line(invoke("db", "grant", "superuser", "bob"), 2, "expected one of reader, writer, admin")
     assert_one_line(invoke("db", "grant", "reader", f"nobody_{secrets.token_hex(4)}"), 2, "no database role")
     assert_one_line(invoke("db", "grant", "reader", group), 2, "is a group role")
     assert_one_line(invoke("db", "grant", "reader", "public"), 2, "is a group role")
