@@ -94,3 +94,11 @@ class RoutingError(AtmoeError, ValueError):
 
 class ModelLoadError(AtmoeError):
     """A base model or tokenizer that cannot be loaded from the reference given."""
+
+
+class PermissionDenied(AtmoeError):
+    """The database role may not do this (PostgreSQL roles: reader / writer / admin); exit code 1.
+
+    Raised before anything is written (no blob, no row); the database refuses the same write on its
+    own when the tool is bypassed.
+    """

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from atmoe.config import AtmoeConfig
 from atmoe.errors import CompositionNotFound, GroupNotFound, InUse, InvalidComposition, UsageError
+from atmoe.registry import events, roles
 from atmoe.registry.experts import get_expert
 from atmoe.registry.models import Composition, CompositionExpert, Expert, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
@@ -116,9 +117,16 @@ def spec_digest(config: AtmoeConfig, members: dict[str, list[Expert]], general: 
 
 
 def compose(session: Session, spec: ComposeSpec, *, created_by: str | None = None) -> tuple[Composition, bool]:
-    """Record (or find) the composition version of ``spec`` in ``session``; returns (row, created)."""
+    """Record (or find) the composition version of ``spec`` in ``session``; returns (row, created).
+    A new version is logged as a ``compose`` event."""
+    roles.require(session, "compose")
     members, general = plan_members(session, spec)
-    return pin(session, spec, members, general, created_by=created_by)
+    composition, created = pin(session, spec, members, general, created_by=created_by)
+    if created:
+        pinned = {group: [e.ref for e in experts] for group, experts in members.items()}
+        details = {"groups": pinned, "general": general.ref if general else None, "asked": list(spec.experts)}
+        events.record(session, "compose", composition.ref, details)
+    return composition, created
 
 
 def composition_config(composition: Composition) -> AtmoeConfig:
@@ -186,6 +194,7 @@ def pin(
 def get_composition(session: Session, ref: Ref | str) -> Composition:
     """The composition version a reference names (latest when no version)."""
     ref = parse_ref(ref) if isinstance(ref, str) else ref
+    refuse_version_alias(ref)
     query = select(Composition).where(Composition.name == ref.name)
     if ref.version is None:
         query = query.order_by(Composition.version.desc()).limit(1)
@@ -195,6 +204,16 @@ def get_composition(session: Session, ref: Ref | str) -> Composition:
     if composition is None:
         raise CompositionNotFound(f"no composition {ref.name}" + (f"@{ref.version}" if ref.version else ""))
     return composition
+
+
+def refuse_version_alias(ref: Ref) -> None:
+    """Composition versions are numbers; aliases belong to experts (``gastro@stable``) and routers
+    (``med:prod``)."""
+    if ref.alias is not None:
+        raise CompositionNotFound(
+            f"no composition {ref.name}@{ref.alias}: composition versions are numbers (a router alias "
+            f"reads {ref.name}:{ref.alias})"
+        )
 
 
 def list_compositions(session: Session, name: str | None = None) -> list[Composition]:
@@ -244,6 +263,7 @@ def remove_composition(registry: Registry, ref: str, *, force: bool = False) -> 
         raise UsageError(f"{ref!r} names a router; remove a composition by NAME or NAME@VERSION")
 
     def work(session: Session) -> list[str]:
+        roles.require(session, "remove compositions")
         if parsed.version is not None or "@" in ref:
             rows = [get_composition(session, parsed)]
         else:
@@ -266,6 +286,8 @@ def remove_composition(registry: Registry, ref: str, *, force: bool = False) -> 
         session.execute(delete(Router).where(Router.composition_id.in_(ids)))
         session.execute(delete(CompositionExpert).where(CompositionExpert.composition_id.in_(ids)))
         session.execute(delete(Composition).where(Composition.id.in_(ids)))
+        for removed_ref in removed:
+            events.record(session, "remove", removed_ref, {"kind": "composition", "aliases": sorted(aliases)})
         return removed
 
     return registry.transact(work, attempts=1)

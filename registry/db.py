@@ -20,13 +20,13 @@ from typing import Any
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from atmoe.errors import SchemaMismatch
+from atmoe.errors import PermissionDenied, SchemaMismatch
 from atmoe.registry.netfs import default_warn, warn_network_filesystem
 
 __all__ = ["default_warn", "warn_network_filesystem"]  # re-exported: Registry.open takes them from here
 
 # Every revision this tool knows, oldest first (tests/test_migrations.py checks this against Alembic).
-KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0006")
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0005", "0006")
 HEAD = KNOWN_REVISIONS[-1]
 REGISTRY_TABLES = frozenset(
     {
@@ -39,6 +39,8 @@ REGISTRY_TABLES = frozenset(
         "router_aliases",
         "catalog_identity",
         "evaluations",
+        "expert_aliases",
+        "events",
     }
 )
 UPGRADE_HINT = "run atmoe-reg db upgrade"
@@ -151,8 +153,22 @@ def write_engine(engine: Engine) -> Engine:
 # -- schema ----------------------------------------------------------------------------------------
 
 
+def _check_schema_visible(connection: Connection) -> None:
+    """PostgreSQL: a role without USAGE on any schema of its search_path sees no table at all, and
+    would take the catalog for a blank database; say what it lacks instead."""
+    if connection.dialect.name != "postgresql":
+        return
+    schema, user = connection.execute(text("SELECT current_schema(), session_user")).one()
+    if schema is None:
+        raise PermissionDenied(
+            f"database role {user!r} may use no schema of this database, so it has no role in this catalog "
+            f"(an admin runs: atmoe-reg db grant reader {user})"
+        )
+
+
 def current_revision(connection: Connection) -> str | None:
     """The Alembic revision of the database, None for a database without one."""
+    _check_schema_visible(connection)
     if not inspect(connection).has_table("alembic_version"):
         return None
     revisions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
@@ -189,6 +205,7 @@ def check_revision(connection: Connection) -> str | None:
 def is_blank(engine: Engine) -> bool:
     """No registry schema yet (a new database: ``ensure_schema`` would create it)."""
     with engine.connect() as connection:
+        _check_schema_visible(connection)
         return not _has_registry_tables(connection) and current_revision(connection) is None
 
 

@@ -53,10 +53,13 @@ def evaluate_and_record(
     examples = read_examples(data)
     if len(examples) > MAX_EXAMPLES:
         raise UsageError(f"{data}: {len(examples)} examples; eval takes at most {MAX_EXAMPLES}")
+    from atmoe.registry import events, roles
+
     with registry.session() as session:
         composition, router = resolve_router(session, parse_ref(ref))
         assert router is not None
         check_intents(examples, [member.expert.name for member in composition.members])
+        roles.require(session, "evaluate routers")  # before any model is built
         router_ref, router_id = f"{composition.ref}:{router.number}", router.id
     built = registry.build(router_ref, base_model=base_model)
     metrics = score(
@@ -82,6 +85,7 @@ def evaluate_and_record(
         )
         session.add(row)
         session.flush()
+        events.record(session, "eval", router_ref, {"data_digest": digest, "examples": len(examples), **metrics})
         return EvaluationRecord.from_row(row)
 
     return registry.transact(record)

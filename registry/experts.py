@@ -22,9 +22,11 @@ from sqlalchemy import Select, Text, cast, delete, or_, select
 from sqlalchemy.orm import Session, lazyload, selectinload
 
 from atmoe.errors import ExpertNotFound, GroupConflict, InUse, InvalidAdapter, UsageError
+from atmoe.registry import events, roles
 from atmoe.registry.db import next_value
+from atmoe.registry.expert_aliases import aliased_expert, aliases_of
 from atmoe.registry.groups import get_group
-from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertFile, Group
+from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertAlias, ExpertFile, Group
 from atmoe.registry.names import Ref, parse_ref, validate_name
 from atmoe.registry.records import ExpertRecord
 
@@ -175,6 +177,7 @@ def add_expert(
 
     with registry.session() as session:
         get_group(session, group)
+        roles.require(session, "add experts")  # before any blob is written
     info = validate_adapter(path, check_values=False)
     stored = _store_adapter(registry, info)  # raises on NaN/Inf before the weights land
     digest = content_digest((p, blob.digest) for p, blob in stored)
@@ -200,6 +203,8 @@ def add_expert(
             created_by=created_by if created_by is not None else current_user(),
             source=source if source is not None else str(Path(path).resolve()),
         )
+        events.record(session, "add", expert.ref, {"group": group, "digest": digest, "files": len(stored),
+                                                    "size": expert.size})  # fmt: skip
         return ExpertRecord.from_row(expert), True
 
     rewrite = {blob.digest: _rewriter(registry, info.path / name) for name, blob in stored}
@@ -394,10 +399,12 @@ def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
 
 
 def get_expert(session: Session, ref: str | Ref) -> Expert:
-    """The expert of ``NAME``, ``NAME@VERSION`` or ``NAME@latest`` (files loaded)."""
+    """The expert of ``NAME``, ``NAME@VERSION``, ``NAME@latest`` or ``NAME@ALIAS`` (files loaded)."""
     parsed = parse_ref(ref) if isinstance(ref, str) else ref
     if parsed.router is not None:
         raise UsageError(f"expert reference {str(parsed)!r} takes no ':ROUTER' part")
+    if parsed.alias is not None:
+        return aliased_expert(session, parsed)
     statement = select(Expert).where(Expert.name == parsed.name).options(selectinload(Expert.files))
     if parsed.version is None:
         expert = session.scalar(statement.order_by(Expert.version.desc()).limit(1))
@@ -436,13 +443,15 @@ def pinning_compositions(session: Session, expert_ids: Sequence[int]) -> list[st
 def remove_expert(registry: Registry, ref: str, *, force: bool = False) -> list[str]:
     """Remove an expert version from the catalog; returns the removed ``name@version`` refs.
 
-    ``NAME@VERSION`` (or ``NAME@latest``) removes that version. A bare ``NAME`` removes the only
-    version, or every version with ``force``. Refused with InUse while a composition pins one
-    (compositions are immutable). Blobs stay in the store until ``gc``.
+    ``NAME@VERSION`` (or ``NAME@latest``, ``NAME@ALIAS``) removes that version. A bare ``NAME`` removes
+    the only version, or every version with ``force``. Refused with InUse while a composition pins
+    one (compositions are immutable), or while an alias points at one unless ``force`` (which removes
+    the alias too). Blobs stay in the store until ``gc``.
     """
     parsed = parse_ref(ref)
 
     def work(session: Session) -> list[str]:
+        roles.require(session, "remove experts")
         if parsed.version is not None or "@" in ref:
             experts = [get_expert(session, parsed)]
         else:
@@ -462,9 +471,19 @@ def remove_expert(registry: Registry, ref: str, *, force: bool = False) -> list[
             raise InUse(
                 f"{refs} is pinned by composition {', '.join(pins)}; compositions are immutable, so remove those first"
             )
+        aliases = aliases_of(session, ids)
+        if aliases and not force:
+            raise InUse(
+                f"alias {', '.join(f'{a.ref} -> {a.target}' for a in aliases)} points at it; move it "
+                "(atmoe-reg alias-expert), or pass --force to remove it too"
+            )
         removed = [e.ref for e in experts]
+        session.execute(delete(ExpertAlias).where(ExpertAlias.expert_id.in_(ids)))
         session.execute(delete(ExpertFile).where(ExpertFile.expert_id.in_(ids)))
         session.execute(delete(Expert).where(Expert.id.in_(ids)))
+        for expert in experts:
+            gone = [a.ref for a in aliases if a.version == expert.version]
+            events.record(session, "remove", expert.ref, {"kind": "expert", "aliases": gone})
         return removed
 
     return registry.transact(work, attempts=1)

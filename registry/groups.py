@@ -39,16 +39,21 @@ def group_summaries(session: Session) -> list[dict[str, Any]]:
 
 
 def add_group(registry: Registry, name: str, description: str | None = None) -> tuple[Group, bool]:
-    """Add a group; returns ``(group, created)`` (False when it already exists)."""
+    """Add a group; returns ``(group, created)`` (False when it already exists). Logged as an
+    ``add-group`` event."""
+    from atmoe.registry import events, roles
+
     validate_name(name, "group")
 
     def insert(session: Session) -> tuple[Group, bool]:
         existing = session.scalar(select(Group).where(Group.name == name))
         if existing is not None:
             return existing, False
+        roles.require(session, "add groups")
         group = Group(name=name, description=description)
         session.add(group)
         session.flush()
+        events.record(session, "add-group", name, {"description": description})
         return group, True
 
     return registry.transact(insert)

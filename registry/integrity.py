@@ -146,6 +146,10 @@ def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600)
         raise UsageError(f"--grace must be >= 0 seconds, not {grace_seconds}")
     report = GcReport(dry_run=dry_run, grace_seconds=grace_seconds)
     if not dry_run:
+        from atmoe.registry import roles
+
+        with registry.session() as session:
+            roles.require(session, "run gc --apply")
         registry.check_store_is_ours()
     store = registry.store
     cutoff = store.now() - grace_seconds  # the store's clock: an object store's, not this machine's
@@ -160,20 +164,29 @@ def gc(registry: Registry, *, dry_run: bool = True, grace_seconds: float = 3600)
         report.blobs.append({"digest": digest, "size": info.size})
     report.temp_files = store.stale_temporaries(cutoff)
     if not dry_run:
-        report.blobs = _remove_unreferenced(registry, report.blobs, cutoff)
-        # a temp file a live writer still holds (its lock) is a write in flight, whatever --grace says
-        report.temp_files = [t for t in report.temp_files if store.remove_temporary(t)]
+        report.blobs, report.temp_files = _remove_unreferenced(
+            registry, report.blobs, report.temp_files, cutoff, grace_seconds
+        )
     return report
 
 
-def _remove_unreferenced(registry: Registry, candidates: list[dict[str, Any]], cutoff: float) -> list[dict[str, Any]]:
-    """Remove the candidates that are still unreferenced and old, under the exclusive blob lock;
-    returns those removed."""
+def _remove_unreferenced(
+    registry: Registry, candidates: list[dict[str, Any]], temp_files: list[str], cutoff: float, grace: float
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Remove the candidates that are still unreferenced and old, under the exclusive blob lock, and
+    the abandoned temp files; returns those removed, logged as one ``gc`` event.
+
+    On PostgreSQL the catalog's identity row is locked FOR UPDATE first, a privilege only admins
+    hold (``roles.py``): the database itself refuses a writer's gc before any blob goes."""
+    from atmoe.registry import events
     from atmoe.registry.db import lock_blobs
+    from atmoe.registry.models import CatalogIdentity
 
     store = registry.store
     removed: list[dict[str, Any]] = []
     with registry.write() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(select(CatalogIdentity.id).with_for_update())
         lock_blobs(session, exclusive=True)
         referenced = referenced_digests(session)  # read again: rows committed since the first look count
         for blob in candidates:
@@ -185,4 +198,9 @@ def _remove_unreferenced(registry: Registry, candidates: list[dict[str, Any]], c
                 continue
             store.remove(digest)
             removed.append(blob)
-    return removed
+        # a temp file a live writer still holds (its lock) is a write in flight, whatever --grace says
+        temps = [temp for temp in temp_files if store.remove_temporary(temp)]
+        details = {"blobs": len(removed), "bytes": sum(blob["size"] for blob in removed), "temp_files": len(temps),
+                   "grace_seconds": grace}  # fmt: skip
+        events.record(session, "gc", store.location, details)
+    return removed, temps

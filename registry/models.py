@@ -10,6 +10,8 @@ Tables:
 - ``compositions`` and ``composition_experts``: immutable composition versions; the link row pins
   each expert by id (name@version) and content digest, with its group and slot
 - ``routers`` and ``router_aliases``: trained routers of a composition version, and movable aliases
+- ``expert_aliases``: movable names of expert versions (``gastro@stable``)
+- ``events``: the append-only audit log (``events.py``); the database refuses UPDATE and DELETE
 """
 
 from __future__ import annotations
@@ -278,6 +280,47 @@ class RouterAlias(Base):
 
     def __repr__(self) -> str:
         return f"RouterAlias({self.composition_name!r}, {self.alias!r} -> router_id={self.router_id})"
+
+
+class ExpertAlias(Base):
+    """A movable name (e.g. ``stable``) for one version of an expert: ``gastro@stable``."""
+
+    __tablename__ = "expert_aliases"
+    __table_args__ = (UniqueConstraint("name", "alias"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH))  # the expert's name (the alias's scope)
+    alias: Mapped[str] = mapped_column(String(NAME_LENGTH))
+    # no ON DELETE: an aliased version cannot be removed by accident (experts.remove_expert says so)
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    expert: Mapped[Expert] = relationship(lazy="joined", innerjoin=True)
+
+    def __repr__(self) -> str:
+        return f"ExpertAlias({self.name!r}, {self.alias!r} -> expert_id={self.expert_id})"
+
+
+class Event(Base):
+    """One entry of the audit log: who did what to which object, and when (``events.py``).
+
+    Append-only: triggers refuse UPDATE and DELETE (and TRUNCATE on PostgreSQL), and no role but the
+    owner is granted more than INSERT and SELECT. On PostgreSQL a trigger also stamps ``at`` with the
+    server's clock and ``db_user`` with the session's login role, which a client cannot forge.
+    """
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(256))  # the OS user who ran the tool
+    db_user: Mapped[str | None] = mapped_column(String(256))  # PostgreSQL: session_user; SQLite: None
+    action: Mapped[str] = mapped_column(String(32), index=True)  # add, remove, compose, train, alias, ...
+    target: Mapped[str] = mapped_column(String(512))  # gastro@3, medqa@2:1, letters:prod, gastro@stable, ...
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    def __repr__(self) -> str:
+        return f"Event({self.id}, {self.action!r}, {self.target!r}, actor={self.actor!r})"
 
 
 class Evaluation(Base):

@@ -1,4 +1,9 @@
-"""Names of experts, groups, compositions and aliases, and references ``NAME[@VERSION][:ROUTER]``."""
+"""Names of experts, groups, compositions and aliases, and references ``NAME[@VERSION][:ROUTER]``.
+
+VERSION is a number, ``latest``, or (for experts) an alias such as ``stable`` (``expert_aliases.py``);
+ROUTER is a number or a router alias. An alias is never all digits nor ``latest``: it would shadow
+a number.
+"""
 
 from __future__ import annotations
 
@@ -27,16 +32,31 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
+def validate_alias(alias: str, shadows: str = "version") -> str:
+    """An alias is a valid name that cannot read as a number or ``latest`` (it would shadow the
+    ``shadows`` number of that name); raises InvalidName or UsageError saying so."""
+    validate_name(alias, "alias")
+    if alias.isdigit() or alias == LATEST:
+        raise UsageError(f"alias {alias!r} would read as a {shadows} number: choose a name with a letter, e.g. stable")
+    return alias
+
+
 @dataclass(frozen=True)
 class Ref:
-    """A parsed reference. ``version`` None means latest; ``router`` is a number or an alias."""
+    """A parsed reference. ``version`` None means latest (or the version ``alias`` points at: an expert
+    alias such as ``gastro@stable``); ``router`` is a number or a router alias."""
 
     name: str
     version: int | None = None
     router: int | str | None = None
+    alias: str | None = None
 
     def __str__(self) -> str:
-        text = self.name if self.version is None else f"{self.name}@{self.version}"
+        text = self.name
+        if self.alias is not None:
+            text = f"{self.name}@{self.alias}"
+        elif self.version is not None:
+            text = f"{self.name}@{self.version}"
         return text if self.router is None else f"{text}:{self.router}"
 
 
@@ -47,7 +67,8 @@ def _positive_int(text: str, what: str, ref: str) -> int:
 
 
 def parse_ref(text: str) -> Ref:
-    """Parse ``NAME[@VERSION][:ROUTER]``: VERSION a number or ``latest``, ROUTER a number or alias."""
+    """Parse ``NAME[@VERSION][:ROUTER]``: VERSION a number, ``latest`` or an alias, ROUTER a number or
+    an alias."""
     if not isinstance(text, str) or not text:
         raise UsageError("empty reference: expected NAME[@VERSION][:ROUTER]")
     rest, sep, router_text = text.partition(":")
@@ -58,12 +79,20 @@ def parse_ref(text: str) -> Ref:
         raise UsageError(f"reference {text!r}: nothing after '@' (expected a version or 'latest')")
     validate_name(name)
     version = None
+    alias = None
     if at and version_text != LATEST:
-        version = _positive_int(version_text, "version", text)
+        if not NAME_PATTERN.match(version_text):
+            raise UsageError(
+                f"reference {text!r}: version must be a number >= 1, 'latest' or an alias, not {version_text!r}"
+            )
+        if version_text.isdigit():
+            version = _positive_int(version_text, "version", text)
+        else:
+            alias = version_text
     router: int | str | None = None
     if sep:
         if router_text.isdigit():
             router = _positive_int(router_text, "router", text)
         else:
             router = validate_name(router_text, "router alias")
-    return Ref(name=name, version=version, router=router)
+    return Ref(name=name, version=version, router=router, alias=alias)

@@ -76,13 +76,14 @@ class ExpertRecord:
     created_by: str | None
     source: str | None
     files: tuple[ExpertFile, ...] | None = None  # None when not loaded (listings)
+    aliases: tuple[str, ...] | None = None  # the aliases pointing at this version (show); None: not read
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
     @classmethod
-    def from_row(cls, expert: Expert, *, files: bool = True) -> ExpertRecord:
+    def from_row(cls, expert: Expert, *, files: bool = True, aliases: tuple[str, ...] | None = None) -> ExpertRecord:
         return cls(
             name=expert.name,
             version=expert.version,
@@ -107,6 +108,7 @@ class ExpertRecord:
             created_by=expert.created_by,
             source=expert.source,
             files=tuple(ExpertFile(f.path, f.sha256, f.size) for f in expert.files) if files else None,
+            aliases=aliases,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +137,8 @@ class ExpertRecord:
             "created_by": self.created_by,
             "source": self.source,
         }
+        if self.aliases is not None:
+            record["aliases"] = list(self.aliases)
         if self.files is not None:
             record["files"] = [f.to_dict() for f in self.files]
         return record

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from atmoe.config import AtmoeConfig
 from atmoe.errors import StoreMismatch, UsageError
-from atmoe.registry import db, experts, integrity
+from atmoe.registry import db, experts, integrity, roles
 from atmoe.registry import groups as group_service
 from atmoe.registry.config import Settings, resolve
 from atmoe.registry.experts import current_user
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from atmoe.registry.build import Built
+    from atmoe.registry.events import EventRecord
+    from atmoe.registry.expert_aliases import ExpertAliasRecord
     from atmoe.registry.s3store import S3Store
 
     Store: TypeAlias = BlobStore | S3Store
@@ -151,19 +153,30 @@ class Registry:
     # -- sessions ------------------------------------------------------------------------------
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A read session; objects stay usable after it closes. Nothing is committed."""
+        """A read session; objects stay usable after it closes. Nothing is committed. A database
+        refusal for lack of privilege is raised as PermissionDenied (``roles.py``)."""
         with Session(self.engine, expire_on_commit=False) as session:
-            yield session
+            try:
+                yield session
+            except DBAPIError as error:
+                refused = roles.denied(error)
+                if refused is None:
+                    raise
+                raise refused from None
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A write session: takes the write lock first on SQLite, commits on success."""
+        """A write session: takes the write lock first on SQLite, commits on success. A database
+        refusal for lack of privilege is raised as PermissionDenied, after the rollback."""
         with Session(self._write_engine, expire_on_commit=False) as session:
             try:
                 yield session
                 session.commit()
-            except BaseException:
+            except BaseException as error:
                 session.rollback()
+                refused = roles.denied(error)
+                if refused is not None:
+                    raise refused from None
                 raise
 
     def transact(
@@ -216,8 +229,11 @@ class Registry:
             return db.current_revision(connection)
 
     def upgrade(self) -> tuple[str | None, str | None]:
-        """Upgrade the database to the schema head; returns (before, after)."""
-        return db.upgrade(self.engine)
+        """Upgrade the database to the schema head; returns (before, after). On PostgreSQL the
+        owner's upgrade grants the roles' privileges again (``roles.refresh``), new tables included."""
+        revisions = db.upgrade(self.engine)
+        roles.refresh(self)
+        return revisions
 
     # -- experts -----------------------------------------------------------------------------------
     def add_expert(
@@ -275,9 +291,14 @@ class Registry:
             return [ExpertRecord.from_row(row, files=with_files) for row in rows]
 
     def get_expert(self, ref: str) -> ExpertRecord:
-        """``NAME`` (latest), ``NAME@3`` or ``NAME@latest``, with its files; raises ExpertNotFound."""
+        """``NAME`` (latest), ``NAME@3``, ``NAME@latest`` or ``NAME@ALIAS``, with its files and aliases;
+        raises ExpertNotFound."""
+        from atmoe.registry.expert_aliases import aliases_of
+
         with self.session() as session:
-            return ExpertRecord.from_row(experts.get_expert(session, ref))
+            row = experts.get_expert(session, ref)
+            aliases = tuple(alias.alias for alias in aliases_of(session, [row.id]))
+            return ExpertRecord.from_row(row, aliases=aliases)
 
     def verify(self, ref: str | None = None) -> list[integrity.Problem]:
         """Re-hash the blobs of one expert, or of every expert and router; [] when all intact."""
@@ -442,3 +463,34 @@ class Registry:
             return routers.router_record(session, router)
 
         return self.transact(work)
+
+    # -- expert aliases ------------------------------------------------------------------------------
+    def set_expert_alias(self, ref: str, alias: str) -> ExpertAliasRecord:
+        """Point ``alias`` at the expert version ``ref`` names (``gastro@3``); an existing alias moves."""
+        from atmoe.registry import expert_aliases
+
+        return self.transact(lambda session: expert_aliases.set_expert_alias(session, ref, alias))
+
+    def expert_aliases(self, name: str | None = None) -> list[ExpertAliasRecord]:
+        from atmoe.registry import expert_aliases
+
+        with self.session() as session:
+            return expert_aliases.list_aliases(session, name)
+
+    # -- the audit log and roles ---------------------------------------------------------------------
+    def events(self, **filters: Any) -> list[EventRecord]:
+        """The audit log, oldest first; filters as in ``events.read`` (since, actor, action, target, limit)."""
+        from atmoe.registry import events
+
+        with self.session() as session:
+            return events.read(session, **filters)
+
+    def grant(self, kind: str, role: str) -> roles.RoleChange:
+        """PostgreSQL: make the login role ``role`` a reader, writer or admin of this catalog."""
+        return roles.grant(self, kind, role)
+
+    def revoke(self, role: str) -> roles.RoleChange:
+        return roles.revoke(self, role)
+
+    def role_members(self) -> list[roles.RoleMember]:
+        return roles.members(self)

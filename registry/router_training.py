@@ -15,7 +15,7 @@ from atmoe.registry.build import Built, router_bytes
 from atmoe.registry.compositions import get_composition
 from atmoe.registry.names import parse_ref
 from atmoe.registry.records import RouterRecord
-from atmoe.registry.routers import record_router, resolve_router, router_record, set_alias
+from atmoe.registry.routers import check_alias_move, record_router, resolve_router, router_record, set_alias
 
 
 @dataclass
@@ -158,18 +158,23 @@ def record_lorahub(
 
 
 def _checked_data(registry, parsed, alias, data, eval_data):
-    """(train examples | None, eval examples | None), read and checked, and the alias, before any
-    model is built: a malformed line or an intent naming no pinned expert fails here."""
+    """(train examples | None, eval examples | None), read and checked, and the alias and the role's
+    rights, before any model is built: a malformed line, an intent naming no pinned expert, or a
+    reader's (or a writer moving an alias) fails here."""
     from atmoe.data import check_intents, read_examples
-    from atmoe.registry.names import validate_name
+    from atmoe.registry import roles
+    from atmoe.registry.names import validate_alias
 
     if alias is not None:
-        validate_name(alias, "alias")
+        validate_alias(alias, "router")
     train = read_examples(data) if data is not None else None
     evaluation = read_examples(eval_data) if eval_data else None
     with registry.session() as session:
         composition, _ = resolve_router(session, parsed, required=False)
         experts = [member.expert.name for member in composition.members]
+        roles.require(session, "train routers")
+        if alias is not None:
+            check_alias_move(session, composition.name, alias)
     for examples in (train, evaluation):
         if examples:
             check_intents(examples, experts)
@@ -182,6 +187,8 @@ def _record(registry, built: Built, hyperparameters, metrics, train_digest, eval
     blob = registry.store.put_bytes(data)
 
     def record(session):
+        from atmoe.registry import events
+
         composition = get_composition(session, parse_ref(built.composition))
         router = record_router(
             session,
@@ -194,6 +201,9 @@ def _record(registry, built: Built, hyperparameters, metrics, train_digest, eval
             created_by=created_by,
             notes=notes,
         )
+        details = {"kind": hyperparameters.get("kind", "trained"), "data_digest": train_digest,
+                   "eval_data_digest": eval_digest, "warm_start": hyperparameters.get("warm_start")}  # fmt: skip
+        events.record(session, "train", f"{composition.ref}:{router.number}", details)
         if alias is not None:
             set_alias(session, composition.name, alias, router)
         return router_record(session, router)

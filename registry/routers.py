@@ -11,10 +11,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from atmoe.errors import RouterNotFound, UsageError
-from atmoe.registry.compositions import get_composition
+from atmoe.errors import RouterNotFound
+from atmoe.registry import events, roles
+from atmoe.registry.compositions import get_composition, refuse_version_alias
 from atmoe.registry.models import Composition, Router, RouterAlias
-from atmoe.registry.names import Ref, parse_ref, validate_name
+from atmoe.registry.names import Ref, parse_ref, validate_alias
 from atmoe.registry.records import RouterRecord
 
 LIBRARIES = ("atmoe-registry", "torch", "transformers", "peft", "accelerate", "safetensors")
@@ -71,20 +72,40 @@ def record_router(
     return router
 
 
-def set_alias(session: Session, composition_name: str, alias: str, router: Router) -> RouterAlias:
-    """Point ``alias`` (e.g. ``prod``) at ``router``; an existing alias moves."""
-    validate_name(alias, "alias")
-    if alias.isdigit() or alias == "latest":
-        raise UsageError(f"alias {alias!r} would read as a router number: choose a name with a letter")
-    row = session.scalars(
+def check_alias_move(session: Session, composition_name: str, alias: str) -> None:
+    """Refuse an alias this role may not set (before a router is trained for it): a new alias is a
+    writer's right, moving an existing one an admin's."""
+    validate_alias(alias, "router")
+    if _alias_row(session, composition_name, alias) is None:
+        roles.require(session, "set a new router alias")
+    else:
+        roles.require(session, "move a router alias")
+
+
+def _alias_row(session: Session, composition_name: str, alias: str) -> RouterAlias | None:
+    return session.scalars(
         select(RouterAlias).where(RouterAlias.composition_name == composition_name, RouterAlias.alias == alias)
     ).first()
+
+
+def set_alias(session: Session, composition_name: str, alias: str, router: Router) -> RouterAlias:
+    """Point ``alias`` (e.g. ``prod``) at ``router``; an existing alias moves. Logged as an ``alias``
+    event unless it already pointed there."""
+    validate_alias(alias, "router")
+    row = _alias_row(session, composition_name, alias)
+    if row is not None and row.router_id == router.id:
+        return row
+    previous = None if row is None else f"{row.router.composition.ref}:{row.router.number}"
     if row is None:
+        roles.require(session, "set a new router alias")
         row = RouterAlias(composition_name=composition_name, alias=alias, router=router)
         session.add(row)
     else:
+        roles.require(session, "move a router alias")
         row.router = router
     session.flush()
+    target = f"{router.composition.ref}:{router.number}"
+    events.record(session, "alias", f"{composition_name}:{alias}", {"to": target, "from": previous})
     return row
 
 
@@ -96,6 +117,7 @@ def resolve_router(session: Session, ref: Ref | str, *, required: bool = True) -
     to the version the alias points into, and ``medqa@2:prod`` insists on version 2.
     """
     ref = parse_ref(ref) if isinstance(ref, str) else ref
+    refuse_version_alias(ref)
     if isinstance(ref.router, str):
         alias = session.scalars(
             select(RouterAlias).where(RouterAlias.composition_name == ref.name, RouterAlias.alias == ref.router)

@@ -234,7 +234,7 @@ def adapter_copy(adapters: dict[str, Path], tmp_path: Path) -> Callable[[str], P
 
 REGISTRY_TABLES = (
     "groups", "experts", "expert_files", "compositions", "composition_experts", "routers", "router_aliases",
-    "catalog_identity", "evaluations",
+    "catalog_identity", "expert_aliases", "events", "evaluations",
 )  # fmt: skip
 
 

@@ -18,8 +18,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
 from atmoe.cli import main
-from atmoe.registry import Registry
-from atmoe.registry.db import HEAD
+from atmoe.registry import Registry, db
 from atmoe.registry.models import Composition, CompositionExpert, Expert, Router
 from atmoe.registry.validate import WEIGHTS_FILE, read_safetensors_header
 
@@ -64,7 +63,7 @@ def test_init_is_idempotent(atmoe_home: Path, snapshot: Callable[[], Any]) -> No
     first = ok("init")
     assert "Registry ready" in first.stderr
     state = snapshot()
-    assert state["rows"]["groups"] == 4 and state["rows"]["revision"] == HEAD
+    assert state["rows"]["groups"] == 4 and state["rows"]["revision"] == db.HEAD
     assert (atmoe_home / "store").is_dir()
     ok("init")
     assert snapshot() == state
@@ -405,7 +404,8 @@ def test_remove_a_name_with_several_versions(adapters: dict[str, Path], snapshot
 
 def test_unknown_expert_and_bad_references() -> None:
     assert_one_line_error(invoke("show", "nobody"), 1, "no expert named 'nobody'")
-    assert_one_line_error(invoke("show", "nobody@x"), 2, "version must be a number")
+    assert_one_line_error(invoke("show", "nobody@x"), 1, "no expert named 'nobody'")  # x: an alias
+    assert_one_line_error(invoke("show", "nobody@-x"), 2, "version must be a number")
     assert_one_line_error(invoke("show", "nobody:prod"), 2, "takes no ':ROUTER'")
     assert_one_line_error(invoke("remove", "nobody"), 1, "no expert named")
     assert_one_line_error(invoke("verify", "../x"), 2, "looks like a path")

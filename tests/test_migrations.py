@@ -15,7 +15,6 @@ from atmoe.cli import main
 from atmoe.errors import SchemaMismatch
 from atmoe.registry import db, netfs
 from atmoe.registry.config import resolve
-from atmoe.registry.db import HEAD
 from atmoe.registry.models import Base, Expert
 
 
@@ -101,8 +100,8 @@ def test_older_schema_is_refused_then_upgraded_with_its_data(engine: Any, snapsh
 
     result = invoke("db", "upgrade")
     assert result.exit_code == 0, result.output
-    assert f"from 0001 to {HEAD}" in result.stderr
-    assert invoke("db", "current").stdout.strip() == f"{HEAD} (head)"
+    assert f"from 0001 to {db.HEAD}" in result.stderr
+    assert invoke("db", "current").stdout.strip() == f"{db.HEAD} (head)"
     listed = invoke("list", "--json")
     assert listed.exit_code == 0
     import json
@@ -114,7 +113,7 @@ def test_older_schema_is_refused_then_upgraded_with_its_data(engine: Any, snapsh
     with Registry.open() as registry, registry.session() as session:
         expert = session.scalars(select(Expert)).one()
         assert [f.sha256 for f in expert.files] == ["b" * 64]
-    assert f"already at schema {HEAD}" in invoke("db", "upgrade").stderr
+    assert f"already at schema {db.HEAD}" in invoke("db", "upgrade").stderr
 
 
 def test_unknown_revision_is_refused_with_a_hint(engine: Any, snapshot: Callable[[], Any]) -> None:

@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from atmoe.errors import InvalidName, UsageError
-from atmoe.registry.names import NAME_PATTERN, Ref, parse_ref, validate_name
+from atmoe.registry.names import NAME_PATTERN, Ref, parse_ref, validate_alias, validate_name
 
 valid_names = st.from_regex(NAME_PATTERN, fullmatch=True)
-aliases = valid_names.filter(lambda s: not s.isdigit())
+aliases = valid_names.filter(lambda s: not s.isdigit() and s != "latest")
 
 
 @given(valid_names)
@@ -53,6 +53,19 @@ def test_ref_round_trip(name: str, version: int | None, router: int | str | None
     assert parse_ref(str(ref)) == ref
 
 
+@given(valid_names, aliases, st.one_of(st.none(), st.integers(1, 10**6), aliases))
+def test_version_alias_round_trip(name: str, alias: str, router: int | str | None) -> None:
+    ref = Ref(name, None, router, alias=alias)
+    assert parse_ref(str(ref)) == ref
+    assert validate_alias(alias) == alias
+
+
+@given(st.one_of(st.integers(0, 10**6).map(str), st.just("latest")))
+def test_aliases_never_shadow_a_version(alias: str) -> None:
+    with pytest.raises(UsageError, match="would read as a version number"):
+        validate_alias(alias)
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -62,13 +75,18 @@ def test_ref_round_trip(name: str, version: int | None, router: int | str | None
         ("med@2:prod", Ref("med", 2, "prod")),
         ("med:4", Ref("med", None, 4)),
         ("med@latest:prod", Ref("med", None, "prod")),
+        ("gastro@stable", Ref("gastro", alias="stable")),
+        ("gastro@2024q1", Ref("gastro", alias="2024q1")),
+        ("med@stable:prod", Ref("med", None, "prod", alias="stable")),
     ],
 )
 def test_parse_ref(text: str, expected: Ref) -> None:
     assert parse_ref(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "a@", "a@0", "a@-1", "a@x", "a:", "a@1:", "a:../x", "../a@1", "a@1@2"])
+@pytest.mark.parametrize(
+    "text", ["", "a@", "a@0", "a@-1", "a@.x", "a@x/y", "a@\u00b2", "a:", "a@1:", "a:../x", "../a@1", "a@1@2"]
+)
 def test_bad_refs(text: str) -> None:
     with pytest.raises(UsageError):
         parse_ref(text)

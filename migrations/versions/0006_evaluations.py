@@ -1,7 +1,7 @@
 """evaluations: stored scores of a router on a data file (atmoe-reg eval / evals)
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-01
 
 After adding a revision, add its id to KNOWN_REVISIONS in registry/db.py (a test checks it).
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | Sequence[str] | None = "0003"
+down_revision: str | Sequence[str] | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from atmoe.errors import ChecksumMismatch, InvalidArchive, UsageError
+from atmoe.registry import events, roles
 from atmoe.registry.archive.layout import DEFAULT_MAX_MEMBER_SIZE, DEFAULT_MAX_MEMBERS, DEFAULT_MAX_TOTAL_SIZE
 from atmoe.registry.archive.manifest import PlannedExpert, check_manifest
 from atmoe.registry.archive.reading import read_members
@@ -80,6 +81,8 @@ def import_archive(
             report.experts_added = [f"{p.row['name']}@{p.row['version']}" for p in experts]
             report.compositions_added = [f"{c['name']}@{c['version']}" for c in compositions]
             return report
+        with registry.session() as session:  # a reader's import stores no blob
+            roles.require(session, "import archives")
         # blobs first (the store hashes them again); rows only once every blob is in place
         for digest, staged_path in sorted(wanted.items()):
             stored = registry.store.put_file(staged_path)
@@ -89,6 +92,10 @@ def import_archive(
         def work_rows(session: Session) -> ImportReport:
             result = ImportReport(path=str(archive), blobs=len(wanted))
             _insert(session, groups, experts, compositions, result)
+            added = {key: value for key, value in result.to_dict().items()
+                     if key.endswith(("_added", "_set")) and value}  # fmt: skip
+            if added:
+                events.record(session, "import", archive.name, added)
             return result
 
         rewrite = {digest: _rewriter(registry, path) for digest, path in wanted.items()}
