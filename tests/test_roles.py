@@ -50,6 +50,7 @@ def test_who_may_do_what() -> None:
         "add groups": "writer",
         "compose": "writer",
         "train routers": "writer",
+        "evaluate routers": "writer",
         "import archives": "writer",
         "set a new router alias": "writer",
         "set a new expert alias": "writer",
