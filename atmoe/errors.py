@@ -89,3 +89,8 @@ class RoutingError(AtmoeError, ValueError):
 
 class ModelLoadError(AtmoeError):
     """A base model or tokenizer that cannot be loaded from the reference given."""
+
+
+class SourceUnavailable(AtmoeError):
+    """A Hub source (``hf://...``) that cannot be read now: not in the local cache while the Hub may
+    not be asked, an unknown revision, no network, or a gated or private repository without access."""
