@@ -176,7 +176,7 @@ def load_base_model(ref: str, *, revision: str | None = None, dtype=None):
         if bars:
             transformers.utils.logging.enable_progress_bar()
     if not resolved.is_local:  # not the cache's snapshot path: adapters trained on it record the hub id
-        model.config._name_or_path = resolved.location
+        model.name_or_path = model.config._name_or_path = resolved.location  # PEFT reads the first
         tokenizer.name_or_path = resolved.location
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
