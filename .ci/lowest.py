@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tomllib
 
-PACKAGES = sys.argv[1:] or ["transformers", "peft", "accelerate"]
+PACKAGES = sys.argv[1:] or ["transformers", "peft", "accelerate", "huggingface_hub"]
 
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
 # the core dependencies, then the extras' (boto3 of the s3 extra, say)

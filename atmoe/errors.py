@@ -102,3 +102,8 @@ class PermissionDenied(AtmoeError):
     Raised before anything is written (no blob, no row); the database refuses the same write on its
     own when the tool is bypassed.
     """
+
+
+class SourceUnavailable(AtmoeError):
+    """A Hub source (``hf://...``) that cannot be read now: not in the local cache while the Hub may
+    not be asked, an unknown revision, no network, or a gated or private repository without access."""

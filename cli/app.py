@@ -156,12 +156,13 @@ def get_registry(ctx: click.Context | None = None, *, check_schema: bool = True)
     is_flag=True,
     envvar="ATMOE_ALLOW_DOWNLOADS",
     show_envvar=True,
-    help="Let a base model given as a hub id be downloaded (off: only this machine's files and cache).",
+    help="Let the Hugging Face Hub be asked for what the local cache lacks: a base model given as a hub id, "
+    "an hf:// expert (off: only this machine's files and cache; HF_HUB_OFFLINE=1 keeps it off).",
 )
 @click.version_option(package_name="atmoe-registry", prog_name="atmoe-reg")
 @click.pass_context
 def main(ctx: click.Context, home: str | None, db_url: str | None, store: str | None, allow_downloads: bool) -> None:
     """Catalog LoRA experts, compose them into AT-MoE models, train and version their routers."""
     ctx.obj = State(home=home or None, db=db_url or None, store=store or None)
-    if allow_downloads:  # read by atmoe.loading, the one place that could reach the network
+    if allow_downloads:  # read by atmoe.hub, the one place that decides whether the network may be reached
         os.environ["ATMOE_ALLOW_DOWNLOADS"] = "1"

@@ -9,6 +9,7 @@ import click
 from atmoe.cli import output
 from atmoe.cli.app import EXIT_FAILURE, fail, get_registry, main, one_line
 from atmoe.cli.options import json_option
+from atmoe.hub import is_hub_source
 
 
 def _tags(values: tuple[str, ...]) -> dict[str, str]:
@@ -40,7 +41,11 @@ def add_expert(
     base_revision: str | None,
     as_json: bool,
 ) -> None:
-    """Validate a PEFT LoRA directory (safetensors only) and add it to the catalog."""
+    """Validate a PEFT LoRA directory (safetensors only) and add it to the catalog.
+
+    PATH is a folder, or hf://ORG/REPO[@REVISION][/SUBFOLDER] on the Hugging Face Hub: its
+    adapter_config.json and adapter_model.safetensors are read from the local Hub cache (fetched
+    only with --allow-downloads), and the source is recorded with the commit it resolved to."""
     tag_map = _tags(tags)
     registry = get_registry()
     expert, created = registry.add_expert(
@@ -62,12 +67,14 @@ def add_expert(
                 "version": expert.version,
                 "created": created,
                 "digest": expert.digest,
+                "source": expert.source,
             }
         )
         return
     if created:
+        origin = f" from {expert.source}" if is_hub_source(path) else ""
         output.message(
-            f"Added {expert.ref} to group {expert.group} "
+            f"Added {expert.ref} to group {expert.group}{origin} "
             f"(sha256:{output.short_digest(expert.digest)}, {len(expert.files)} files, "
             f"{output.human_size(expert.size)})"
         )

@@ -22,6 +22,7 @@ from sqlalchemy import Select, Text, cast, delete, or_, select
 from sqlalchemy.orm import Session, lazyload, selectinload
 
 from atmoe.errors import ExpertNotFound, GroupConflict, InUse, InvalidAdapter, UsageError
+from atmoe.hub import is_hub_source, parse_hub_ref
 from atmoe.registry import events, roles
 from atmoe.registry.db import next_value
 from atmoe.registry.expert_aliases import aliased_expert, aliases_of
@@ -65,13 +66,30 @@ def current_user() -> str | None:
 def canonical_base_model(reference: str | None) -> str | None:
     """A base-model reference as the catalog keeps it: a relative path that exists here becomes
     absolute (PEFT records the path the model was loaded from, relative to that process's cwd),
-    so that building later, from any directory, finds the same model; hub ids stay as they are."""
+    so that building later, from any directory, finds the same model; hub ids stay as they are, and
+    ``hf://ORG/REPO[@REV]`` is kept as ``ORG/REPO`` (what PEFT records; the revision is a column of
+    its own, ``base_model_columns``), so that one model has one name in the catalog."""
     if not reference:
         return reference
+    if is_hub_source(reference):
+        return parse_hub_ref(reference, subfolder=False).repo_id
     path = Path(reference).expanduser()
     if not path.is_absolute() and path.exists():
         return str(path.resolve())
     return reference
+
+
+def base_model_columns(
+    reference: str | None, revision: str | None, adapter_revision: str | None
+) -> tuple[str | None, str | None]:
+    """``(base_model, base_revision)`` for a new expert: ``reference`` (``--base-model`` or the
+    adapter's base_model_name_or_path) canonical, and the revision that ``--base-revision``, an
+    ``hf://ORG/REPO@REV`` reference or the adapter config names, in that order; a reference and
+    ``--base-revision`` naming two revisions is a ``UsageError``."""
+    named = parse_hub_ref(reference, subfolder=False).revision if is_hub_source(reference) else None
+    if named is not None and revision is not None and named != revision:
+        raise UsageError(f"base model {reference!r} names revision {named!r} but --base-revision is {revision!r}")
+    return canonical_base_model(reference), revision or named or adapter_revision
 
 
 def parse_tags(items: Iterable[str]) -> dict[str, str]:
@@ -163,22 +181,68 @@ def add_expert(
     created_by: str | None = None,
     source: str | None = None,
 ) -> tuple[ExpertRecord, bool]:
-    """Validate and add a PEFT LoRA directory as the next version of ``name``.
+    """Validate and add a PEFT LoRA directory, or ``hf://ORG/REPO[@REVISION][/SUBFOLDER]``, as the
+    next version of ``name``.
 
     Returns ``(expert, created)``; ``created`` is False when identical content is already a
     version of ``name`` (no new version is made). Blobs are in place before the row is committed.
+    ``source`` defaults to the folder's absolute path, or ``hf://ORG/REPO@<commit>[/SUBFOLDER]``:
+    the commit the revision resolved to (see ``atmoe.hub``; only the adapter's two files are fetched).
     """
+    hub = parse_hub_ref(path) if is_hub_source(path) else None  # a malformed source fails first
     validate_name(name, "expert name")
     validate_name(group, "group")
     domain = _label(domain, "domain")
     style = _label(style, "style")
     clean_tags = _check_tags(tags)
-    from atmoe.registry.validate import validate_adapter  # numpy: only when adding
+    base_model_columns(base_model, base_revision, None)  # a malformed --base-model fails before any fetch
 
     with registry.session() as session:
         get_group(session, group)
-        roles.require(session, "add experts")  # before any blob is written
-    info = validate_adapter(path, check_values=False)
+        roles.require(session, "add experts")  # before any blob is written (or fetched)
+    columns: dict[str, Any] = {
+        "name": name,
+        "group": group,
+        "domain": domain,
+        "style": style,
+        "tags": clean_tags,
+        "description": description,
+        "base_model": base_model,
+        "base_revision": base_revision,
+        "created_by": created_by if created_by is not None else current_user(),
+    }
+    if hub is None:
+        folder = Path(path)
+        return _add_folder(registry, folder, source=source if source is not None else str(folder.resolve()), **columns)
+    from atmoe.hub import staged_adapter
+
+    with staged_adapter(hub) as staged:
+        try:
+            return _add_folder(registry, staged.path, source=source if source is not None else staged.source, **columns)
+        except InvalidAdapter as error:  # the staging folder's name would mean nothing to the user
+            raise type(error)(f"{staged.source}: {error}") from None
+
+
+def _add_folder(
+    registry: Registry,
+    folder: Path,
+    *,
+    name: str,
+    group: str,
+    domain: str | None,
+    style: str | None,
+    tags: dict[str, str],
+    description: str | None,
+    base_model: str | None,
+    base_revision: str | None,
+    created_by: str | None,
+    source: str,
+) -> tuple[ExpertRecord, bool]:
+    """``add_expert`` once its arguments are checked and the adapter is a folder on this machine."""
+    from atmoe.registry.validate import validate_adapter  # numpy: only when adding
+
+    info = validate_adapter(folder, check_values=False)
+    model, revision = base_model_columns(base_model or info.base_model_name_or_path, base_revision, info.revision)
     stored = _store_adapter(registry, info)  # raises on NaN/Inf before the weights land
     digest = content_digest((p, blob.digest) for p, blob in stored)
 
@@ -196,12 +260,12 @@ def add_expert(
             files=[(p, blob.digest, blob.size) for p, blob in stored],
             domain=domain,
             style=style,
-            tags=clean_tags,
+            tags=tags,
             description=description,
-            base_model=canonical_base_model(base_model or info.base_model_name_or_path),
-            base_revision=base_revision or info.revision,
-            created_by=created_by if created_by is not None else current_user(),
-            source=source if source is not None else str(Path(path).resolve()),
+            base_model=model,
+            base_revision=revision,
+            created_by=created_by,
+            source=source,
         )
         events.record(session, "add", expert.ref, {"group": group, "digest": digest, "files": len(stored),
                                                     "size": expert.size})  # fmt: skip

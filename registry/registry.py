@@ -251,10 +251,11 @@ class Registry:
         created_by: str | None = None,
         source: str | None = None,
     ) -> tuple[ExpertRecord, bool]:
-        """Validate and add a PEFT LoRA directory as the next version of ``name``; (record, created)."""
+        """Validate and add a PEFT LoRA directory, or an ``hf://ORG/REPO[@REVISION][/SUBFOLDER]`` string,
+        as the next version of ``name``; (record, created)."""
         return experts.add_expert(
             self,
-            Path(path),
+            path if isinstance(path, str) else Path(path),
             name=name,
             group=group,
             domain=domain,
