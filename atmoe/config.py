@@ -21,6 +21,7 @@ ROUTING_MODES = ("sequence", "token")
 ROUTER_KINDS = ("grouped", "flat")
 SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+ROUTER_INITS = ("zero", "prompts")
 DEFAULT_LAMBDA_WITH_GENERAL = 0.5
 
 
@@ -201,6 +202,13 @@ class TrainConfig:
     warmup_ratio: float = option(
         "--warmup-ratio", "Share of the optimizer steps spent warming the learning rate up from 0.", default=0.05
     )
+    init: str = option(
+        "--init",
+        "Router start: zero (even weights) or prompts (each expert's example prompts, the examples whose "
+        "intents name it, as mergekit-moe's hidden gates).",
+        choices=ROUTER_INITS,
+        default="zero",
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -215,6 +223,7 @@ class TrainConfig:
             (self.mixed_precision in MIXED_PRECISIONS, "--mixed-precision must be no, fp16 or bf16"),
             (self.schedule in SCHEDULES, "--schedule must be " + ", ".join(SCHEDULES)),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be >= 0 and < 1"),
+            (self.init in ROUTER_INITS, "--init must be " + " or ".join(ROUTER_INITS)),
         ]
         for ok, message in checks:
             if not ok:

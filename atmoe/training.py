@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from atmoe.config import TrainConfig
 from atmoe.data import Encoded, Example, check_intents, collate, encode_example
+from atmoe.errors import UsageError
 from atmoe.freeze import freeze_all_but_routers
 from atmoe.routing import group_totals
 
@@ -201,6 +202,15 @@ def train_router(
 
     if calibrate:
         _calibrate(model, inner, loader, accelerator, progress=progress, console=console)
+    init_examples = None
+    if config.init == "prompts":
+        if not calibrate:
+            raise UsageError(
+                "--init prompts starts the routers afresh: name the composition, not a router to warm-start"
+            )
+        from atmoe.prompt_init import init_from_prompts
+
+        init_examples = init_from_prompts(inner, loader)
     eval_before = (
         evaluate(inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length, device=device)
         if eval
@@ -258,6 +268,8 @@ def train_router(
         "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
         "seconds": elapsed,
     }
+    if init_examples is not None:
+        metrics["init_examples"] = init_examples  # example prompts per expert behind its starting column
     if eval:
         after = evaluate(
             inner, tokenizer, eval, batch_size=config.batch_size, max_length=config.max_length, device=device

@@ -48,6 +48,8 @@ def train_and_record(
 
     config = config or TrainConfig()
     parsed = parse_ref(ref)
+    if config.init == "prompts" and parsed.router is not None:
+        raise UsageError(f"--init prompts starts the routers afresh: name the composition, not the router {ref!r}")
     train, evaluation = _checked_data(registry, parsed, alias, data, eval_data)
     train_digest = data_digest(data)
     eval_digest = data_digest(eval_data) if eval_data else None

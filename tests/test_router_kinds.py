@@ -137,3 +137,36 @@ def test_lorahub_bad_input_is_one_line_and_records_nothing(composed, tmp_path, s
         assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
         assert snapshot() == before, args
+
+
+def test_prompt_init_starts_the_routers_where_each_experts_prompts_point(composed) -> None:
+    from atmoe.data import collate, read_examples
+    from atmoe.prompt_init import init_from_prompts
+    from atmoe.registry import Registry
+    from atmoe.training import _encode_all, evaluate
+
+    with Registry.open() as registry:
+        built = registry.build("medqa", router=False)
+    model, tokenizer = built.model, built.tokenizer
+    examples = read_examples(composed["train"])
+    index = {name: i for i, name in enumerate(model.expert_names)}
+    encoded = _encode_all(tokenizer, examples, 512)
+    batches = [collate(encoded[i : i + 16], pad_token_id=0, expert_index=index) for i in range(0, len(encoded), 16)]
+    with torch.no_grad(), model.calibrating_router_inputs():
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    uniform = evaluate(model, tokenizer, examples)["routing_accuracy"]
+    counts = init_from_prompts(model, batches)
+    assert counts == {name: sum(name in e.intents for e in examples) for name in model.expert_names}
+    started = evaluate(model, tokenizer, examples)["routing_accuracy"]
+    assert started > uniform + 0.2  # the routers start pointing at the intended experts, before any step
+
+
+def test_train_router_init_prompts_is_recorded_and_refused_on_a_warm_start(composed) -> None:
+    trained = json.loads(
+        run("train-router", "medqa", "--data", str(composed["train"]), "--init", "prompts", "--epochs", "1", "--json")
+    )
+    assert trained["kind"] == "trained" and trained["hyperparameters"]["init"] == "prompts"
+    assert trained["metrics"]["init_examples"]["sa"] == 96  # every example names the one style expert
+    result = invoke("train-router", "medqa:1", "--data", str(composed["train"]), "--init", "prompts")
+    assert result.exit_code == 2 and "--init prompts starts the routers afresh" in result.stderr
