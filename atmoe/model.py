@@ -291,7 +291,7 @@ class AtMoEModel(nn.Module):
             group_w = group_totals(weights, self.expert_group_index, self.n_groups)  # [B, 1, N_G]
             self._last[index] = (group_w.squeeze(1), weights.squeeze(1), None)
         else:
-            router = self.routers[0 if self.atmoe_config.shared_router else index]
+            router = self.routers[0 if len(self.routers) == 1 else index]  # one shared, or one per block
             temperature = self.atmoe_config.temperature
             standardize = self.router_inputs[index]
             if sequence:
@@ -445,12 +445,50 @@ class AtMoEModel(nn.Module):
             state.update({f"lambda_logits.{k}": v for k, v in self.lambda_logits.state_dict().items()})
         return {k: v.detach().to("cpu", torch.float32).clone().contiguous() for k, v in state.items()}
 
+    def use_arrow_routers(self, prototypes: Tensor, *, top_k: int, temperature: float) -> None:
+        """Route with Arrow (``router.ArrowRouter``): one router per block over ``prototypes``
+        [num_blocks, E, D], even when the composition shares one learned router across blocks."""
+        from atmoe.router import ArrowRouter
+
+        if tuple(prototypes.shape) != (self.num_blocks, len(self.expert_names), self.hidden_size):
+            raise AtmoeError(
+                f"arrow prototypes of shape {tuple(prototypes.shape)} do not fit this composition "
+                f"({self.num_blocks} blocks, {len(self.expert_names)} experts, hidden size {self.hidden_size})"
+            )
+        device = next(self.base_model.parameters()).device
+        flat = self.atmoe_config.router == "flat"
+        slot_mask = torch.zeros(self.n_groups, self.n_max, dtype=torch.bool)
+        groups = [self.group_names.index(self.expert_groups[e]) for e in self.expert_names]
+        slots, seen = [], {}
+        for g in groups:
+            slots.append(seen.get(g, 0))
+            seen[g] = slots[-1] + 1
+        slot_mask[torch.tensor(groups), torch.tensor(slots)] = True
+        self.routers = nn.ModuleList(
+            [
+                ArrowRouter(
+                    prototypes[block], slot_mask, torch.tensor(groups), torch.tensor(slots),
+                    top_k=top_k, temperature=temperature, flat=flat,
+                )
+                for block in range(self.num_blocks)
+            ]
+        ).to(device)  # fmt: skip
+        self._invalidate()
+
     def load_router_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load a ``router_state_dict``; keys and shapes must match exactly (``AtmoeError`` otherwise).
 
         A router saved before inputs were standardised has no ``router_inputs.*``: it was trained on
         raw inputs, so it loads with the identity standardisation.
         """
+        if "routers.0.prototypes" in state_dict:  # an Arrow router: its routers are made from what it stores
+            try:
+                prototypes = torch.stack([state_dict[f"routers.{b}.prototypes"] for b in range(self.num_blocks)])
+                top_k = int(state_dict["routers.0.arrow_top_k"])
+                arrow_temperature = float(state_dict["routers.0.arrow_temperature"])
+            except (KeyError, RuntimeError) as error:
+                raise AtmoeError(f"arrow router weights do not fit this composition ({error})") from None
+            self.use_arrow_routers(prototypes.float(), top_k=top_k, temperature=arrow_temperature)
         expected = self.router_state_dict()
         if not any(key.startswith("router_inputs.") for key in state_dict):
             identity = {f"router_inputs.{i}.shift": torch.zeros(self.hidden_size) for i in range(self.num_blocks)}

@@ -134,3 +134,61 @@ class InputStandardizer(_Float32Router):
         floor = 1e-4 * float(var.mean()) + 1e-12  # constant features are not blown up
         self.shift.copy_(mean.float())
         self.scale.copy_(torch.rsqrt(var + floor).float())
+
+
+class ArrowRouter(_Float32Router):
+    """Arrow's training-free routing (Ostapenko et al. 2024, arXiv 2405.11157; PEFT's ``ArrowConfig``):
+    an input goes to the top-k experts by absolute cosine with their prototypes, then a softmax of those
+    cosines over ``arrow_temperature``; the others get 0.
+
+    Inside AT-MoE's groups the top-k runs inside each group (k capped at the group's size) and every
+    group keeps an equal share 1 / N_G: Arrow's prototypes compare experts, not groups, so the group
+    prior stays the neutral one of an untrained router. Under the flat router design the top-k runs over
+    all experts. ``prototypes`` [E, D] (unit vectors; a zero row is an expert with no LoRA reading this
+    block's input: it is picked only if nothing else is) and the two settings are buffers stored with
+    the router. No parameter: nothing to train.
+    """
+
+    def __init__(
+        self,
+        prototypes: Tensor,
+        slot_mask: Tensor,
+        expert_group: Tensor,
+        expert_slot: Tensor,
+        *,
+        top_k: int,
+        temperature: float,
+        flat: bool = False,
+    ) -> None:
+        super().__init__()
+        n_groups, n_max = slot_mask.shape
+        self.hidden_size, self.n_groups, self.n_max, self.flat = prototypes.shape[1], n_groups, n_max, flat
+        self.register_buffer("prototypes", prototypes.float().clone())
+        self.register_buffer("arrow_top_k", torch.tensor(float(top_k)))
+        self.register_buffer("arrow_temperature", torch.tensor(float(temperature)))
+        self.register_buffer("slot_mask", slot_mask.bool().clone(), persistent=False)
+        self.register_buffer("expert_group", expert_group.long().clone(), persistent=False)
+        self.register_buffer("expert_slot", expert_slot.long().clone(), persistent=False)
+
+    def forward(self, u: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+        """u [.., D] -> (group_weights [.., N_G], expert_weights [.., E]); ``temperature`` (the
+        composition's, for learned logits) is not Arrow's and is not used."""
+        u = u.float()
+        norm = u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        cosine = ((u / norm) @ self.prototypes.T).abs()  # [.., E]
+        k, tau = int(self.arrow_top_k), float(self.arrow_temperature)
+        if self.flat:
+            return self._flat(cosine, k, tau)
+        slots = cosine.new_full((*cosine.shape[:-1], self.n_groups, self.n_max), float("-inf"))
+        slots[..., self.expert_group, self.expert_slot] = cosine  # [.., N_G, N_M], padding -inf
+        top, index = slots.topk(min(k, self.n_max), dim=-1)
+        kept = torch.full_like(slots, float("-inf")).scatter(-1, index, top)
+        inside = torch.softmax(kept / tau, dim=-1) * self.slot_mask  # [.., N_G, N_M]
+        group_w = cosine.new_full((*cosine.shape[:-1], self.n_groups), 1.0 / self.n_groups)  # [.., N_G]
+        return group_w, expert_weights(group_w, inside, self.expert_group, self.expert_slot)
+
+    def _flat(self, cosine: Tensor, k: int, tau: float) -> tuple[Tensor, Tensor]:
+        top, index = cosine.topk(min(k, cosine.shape[-1]), dim=-1)
+        kept = torch.full_like(cosine, float("-inf")).scatter(-1, index, top)
+        weights = torch.softmax(kept / tau, dim=-1)  # [.., E]
+        return group_totals(weights, self.expert_group, self.n_groups), weights

@@ -57,7 +57,7 @@ def _with_router(ref: str, router: str | None) -> str:
     return f"{ref}:{router}"
 
 
-ROUTER_KINDS = ("trained", "uniform", "lorahub")
+ROUTER_KINDS = ("trained", "uniform", "arrow", "lorahub")
 
 
 @main.command("train-router")
@@ -68,6 +68,7 @@ ROUTER_KINDS = ("trained", "uniform", "lorahub")
     default="trained",
     show_default=True,
     help="trained: learn the routers on --data; uniform: equal weights inside each group and over groups, no data; "
+    "arrow: training-free, each input to the top-k experts by cosine with their prototypes, no data; "
     "lorahub: static weights searched without gradients on 5-50 --data examples.",
 )
 @click.option(
@@ -77,19 +78,47 @@ ROUTER_KINDS = ("trained", "uniform", "lorahub")
 )
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False), help="Evaluation JSONL.")
 @dataclass_options(TrainConfig)
+@click.option("--top-k", "top_k", type=int, help="arrow: experts per group an input goes to (default 3).")
+@click.option("--arrow-temperature", type=float, help="arrow: softmax temperature of the cosines (default 1).")
+@click.option("--gks", is_flag=True, help="arrow: subtract the general expert's update first (GenKnowSub).")
 @click.option("--budget", type=int, help="lorahub: loss evaluations of the search (default 40).")
 @click.option("--l1", type=float, help="lorahub: L1 penalty on the weights' logits (default 0.05).")
 @click.option("--alias", help="Point this alias (e.g. prod) at the new router.")
 @click.option("--notes", help="Free text recorded with the router.")
 @base_option
 @json_option
-def train_router(ref, kind, data, eval_data, budget, l1, alias, notes, base_model, as_json, **hyperparameters) -> None:
+def train_router(
+    ref,
+    kind,
+    data,
+    eval_data,
+    top_k,
+    arrow_temperature,
+    gks,
+    budget,
+    l1,
+    alias,
+    notes,
+    base_model,
+    as_json,
+    **hyperparameters,
+) -> None:
     """Train the routers of a composition (experts frozen) and record them as its next router."""
     config = pop_config(TrainConfig, hyperparameters)
     registry = get_registry()
     if kind != "lorahub" and (budget is not None or l1 is not None):
         raise UsageError("--budget and --l1 are options of --kind lorahub")
-    if kind == "lorahub":
+    if kind != "arrow" and (top_k is not None or arrow_temperature is not None or gks):
+        raise UsageError("--top-k, --arrow-temperature and --gks are options of --kind arrow")
+    if kind == "arrow":
+        if data is not None:
+            raise UsageError("--kind arrow takes no --data (it is training-free); --eval scores it")
+        trained = registry.record_arrow_router(
+            ref, top_k=3 if top_k is None else top_k, temperature=1.0 if arrow_temperature is None else arrow_temperature,
+            gks=gks, eval_data=eval_data, alias=alias, notes=notes, base_model=base_model,
+            batch_size=config.batch_size, max_length=config.max_length,
+        )  # fmt: skip
+    elif kind == "lorahub":
         if data is None:
             raise UsageError("--kind lorahub needs --data FILE (5 to 50 examples)")
         trained = registry.record_lorahub_router(

@@ -275,7 +275,8 @@ class RouterRecord:
 
     @property
     def kind(self) -> str:
-        """How the router was made: ``trained`` (train-router on data), ``uniform`` or ``lorahub``."""
+        """How the router was made: ``trained`` (train-router on data), ``uniform``, ``arrow``, ``arrow+gks``
+        or ``lorahub``."""
         return str(self.hyperparameters.get("kind", "trained"))
 
     @classmethod

@@ -422,6 +422,13 @@ class Registry:
         kwargs.setdefault("created_by", current_user())
         return record_uniform(self, ref, **kwargs)
 
+    def record_arrow_router(self, ref: str, **kwargs: Any) -> TrainedRouter:
+        """Record the training-free ``arrow`` router of ``ref``; see ``router_training.record_arrow``."""
+        from atmoe.registry.router_training import record_arrow
+
+        kwargs.setdefault("created_by", current_user())
+        return record_arrow(self, ref, **kwargs)
+
     def record_lorahub_router(self, ref: str, **kwargs: Any) -> TrainedRouter:
         """Search and record the ``lorahub`` router of ``ref``; see ``router_training.record_lorahub``."""
         from atmoe.registry.router_training import record_lorahub

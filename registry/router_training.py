@@ -159,6 +159,79 @@ def record_lorahub(
     return _record(registry, built, hyperparameters, metrics, data_digest(data), eval_digest, alias, notes, created_by)
 
 
+def record_arrow(
+    registry,
+    ref: str,
+    *,
+    top_k: int = 3,
+    temperature: float = 1.0,
+    gks: bool = False,
+    eval_data: str | Path | None = None,
+    alias: str | None = None,
+    notes: str | None = None,
+    created_by: str | None = None,
+    base_model: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> TrainedRouter:
+    """Record the ``arrow`` router of ``ref`` (``arrow+gks`` with GenKnowSub): training-free, from each
+    expert's prototypes (``atmoe/arrow.py``), computed once per expert digest (``prototype_cache``)."""
+    import math
+
+    import torch
+
+    from atmoe.arrow import ALGORITHM, expert_prototypes
+    from atmoe.data import data_digest
+    from atmoe.registry import prototype_cache
+    from atmoe.training import evaluate
+
+    parsed = parse_ref(ref)
+    if parsed.router is not None:
+        raise UsageError(
+            f"{ref!r} names a router; an arrow router is made from the experts alone: name the composition"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise UsageError(f"--top-k must be an integer >= 1, not {top_k!r}")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"--arrow-temperature must be a finite number > 0, not {temperature!r}")
+    _, evaluation = _checked_data(registry, parsed, alias, None, eval_data)
+    with registry.session() as session:
+        composition = get_composition(session, parsed)
+        if gks and composition.general_expert is None:
+            raise UsageError(
+                f"--gks subtracts the general expert, and {composition.ref} has none: compose with --general REF"
+            )
+        digests = {member.expert.name: member.expert.digest for member in composition.members}
+        general_digest = composition.general_expert.digest if gks and composition.general_expert else None
+        base = (composition.base_model, composition.base_revision)
+    built = registry.build(ref, router=False, base_model=base_model)
+    model = built.model
+    shape = (model.num_blocks, model.hidden_size)
+    columns, cached = [], 0
+    for name in model.expert_names:
+        key = prototype_cache.cache_key(
+            algorithm=ALGORITHM, base_model=base[0], base_revision=base[1], expert=digests[name], general=general_digest
+        )
+        found = prototype_cache.load(registry, key, shape)
+        if found is None:
+            found = expert_prototypes(model, name, gks=gks)
+            prototype_cache.save(registry, key, found)
+        else:
+            cached += 1
+        columns.append(found)
+    model.use_arrow_routers(torch.stack(columns, 1), top_k=top_k, temperature=float(temperature))
+    metrics: dict = {"prototypes_cached": cached, "prototypes_computed": len(columns) - cached}
+    if evaluation:
+        scores = evaluate(model, built.tokenizer, evaluation, batch_size=batch_size, max_length=max_length)
+        metrics["eval_loss"] = scores["loss"]
+        if "routing_accuracy" in scores:
+            metrics["routing_accuracy"] = scores["routing_accuracy"]
+    hyperparameters = {"kind": "arrow+gks" if gks else "arrow", "top_k": top_k, "temperature": float(temperature),
+                       "gks": gks, "algorithm": ALGORITHM}  # fmt: skip
+    eval_digest = data_digest(eval_data) if eval_data else None
+    return _record(registry, built, hyperparameters, metrics, None, eval_digest, alias, notes, created_by)
+
+
 def _checked_data(registry, parsed, alias, data, eval_data):
     """(train examples | None, eval examples | None), read and checked, and the alias and the role's
     rights, before any model is built: a malformed line, an intent naming no pinned expert, or a

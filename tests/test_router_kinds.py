@@ -170,3 +170,103 @@ def test_train_router_init_prompts_is_recorded_and_refused_on_a_warm_start(compo
     assert trained["metrics"]["init_examples"]["sa"] == 96  # every example names the one style expert
     result = invoke("train-router", "medqa:1", "--data", str(composed["train"]), "--init", "prompts")
     assert result.exit_code == 2 and "--init prompts starts the routers afresh" in result.stderr
+
+
+# -- arrow ---------------------------------------------------------------------------------------------------
+
+
+def _explicit_top_vector(model, block: int, column: int, general: int | None = None) -> torch.Tensor:
+    """The top right singular vector of the block's stacked updates, by a full SVD of the explicit matrix."""
+    from atmoe.layer import MixtureLoraLinear
+
+    def delta(layer, col):
+        rows = (layer.rank_column == col).nonzero().flatten()
+        return (layer.B_cat[:, rows].double() * layer.rank_scale[rows].double()) @ layer.A_cat[rows].double()
+
+    stacked = []
+    for layer in model._routings[block].layers:
+        if isinstance(layer, MixtureLoraLinear) and layer.in_features == model.hidden_size:
+            if (layer.rank_column == column).any():
+                update = delta(layer, column)
+                if general is not None:
+                    update = update - delta(layer, general)
+                stacked.append(update)
+    return torch.linalg.svd(torch.cat(stacked, 0))[2][0]
+
+
+@pytest.mark.parametrize("gks", [False, True], ids=["arrow", "gks"])
+def test_arrow_prototypes_are_the_top_right_singular_vectors_of_the_block_updates(gks) -> None:
+    from atmoe import build_atmoe
+    from atmoe.arrow import expert_prototypes
+    from atmoe.testing import make_peft_adapter, make_tiny_llama
+
+    base = make_tiny_llama(vocab=64, seed=1)
+    root = Path(__import__("tempfile").mkdtemp())
+    paths = {n: make_peft_adapter(base, root / n, r=2 + i, seed=i) for i, n in enumerate(["a", "b", "g"])}
+    model = build_atmoe(base, {"x": {"a": paths["a"], "b": paths["b"]}}, general=paths["g"]).eval()
+    for name in ("a", "b"):
+        prototypes = expert_prototypes(model, name, gks=gks)
+        for block in range(model.num_blocks):
+            wanted = _explicit_top_vector(model, block, model.expert_names.index(name), 2 if gks else None)
+            assert abs(float(prototypes[block].double() @ wanted)) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(expert_prototypes(model, "a", gks=gks), expert_prototypes(model, "a", gks=gks))
+
+
+@pytest.mark.parametrize("config", [{}, {"router": "flat"}, {"routing": "token"}], ids=["grouped", "flat", "token"])
+def test_arrow_weights_are_a_distribution_with_top_k_per_group(config) -> None:
+    from atmoe.arrow import expert_prototypes
+
+    model = _tiny(**config)
+    prototypes = torch.stack([expert_prototypes(model, name) for name in model.expert_names], 1)
+    model.use_arrow_routers(prototypes, top_k=1, temperature=0.5)
+    ids = torch.randint(0, 64, (3, 6))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    for group_w, weights in model.last_routing_tensors():
+        assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6)
+        if config.get("router") == "flat":
+            assert ((weights > 0).sum(-1) == 1).all()  # top-1 over all experts
+        else:
+            assert torch.allclose(group_w, torch.full_like(group_w, 0.5))  # equal group shares
+            inside = weights[..., :3]  # group g1 holds a, b, c: top-1 inside it
+            assert ((inside > 0).sum(-1) == 1).all() and torch.allclose(
+                weights[..., 3], torch.full_like(weights[..., 3], 0.5)
+            )
+
+
+def test_arrow_in_two_commands_deterministic_and_cached_by_digest(composed, atmoe_home) -> None:
+    made = json.loads(run("train-router", "medqa", "--kind", "arrow", "--alias", "arrow", "--json"))
+    assert made["kind"] == "arrow" and made["data_digest"] is None
+    assert made["metrics"]["prototypes_computed"] == 5 and made["metrics"]["prototypes_cached"] == 0
+    routed = json.loads(run("route", "medqa:arrow", "fa da w1 w2", "--json"))
+    for block in routed["blocks"]:
+        assert sum(block["experts"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert all(share == pytest.approx(1 / 3, abs=1e-5) for share in block["groups"].values())
+    again = json.loads(run("train-router", "medqa", "--kind", "arrow", "--json"))
+    assert again["metrics"]["prototypes_cached"] == 5  # keyed by each expert's digest: nothing recomputed
+    assert again["blob_digest"] == made["blob_digest"]  # the same router, byte for byte
+    for entry in (atmoe_home / "store" / "derived" / "arrow").glob("*.safetensors"):
+        entry.write_bytes(entry.read_bytes()[:-8] + b"\0" * 8)  # a damaged cache entry is not trusted
+    third = json.loads(run("train-router", "medqa", "--kind", "arrow", "--json"))
+    assert third["metrics"]["prototypes_computed"] == 5 and third["blob_digest"] == made["blob_digest"]
+
+
+def test_arrow_gks_needs_a_general_expert_and_bad_options_are_one_line(composed, snapshot) -> None:
+    before = snapshot()
+    cases = [
+        (("train-router", "medqa", "--kind", "arrow", "--gks"), "has none: compose with --general"),
+        (("train-router", "medqa", "--kind", "arrow", "--data", str(composed["train"])), "takes no --data"),
+        (("train-router", "medqa", "--kind", "arrow", "--top-k", "0"), "--top-k"),
+        (("train-router", "medqa", "--kind", "arrow", "--arrow-temperature", "0"), "--arrow-temperature"),
+        (("train-router", "medqa", "--data", str(composed["train"]), "--gks"), "options of --kind arrow"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert snapshot() == before, args
+    run("add-expert", str(composed["paths"]["gen"]), "--name", "gen", "--group", "general")
+    run("compose", "--name", "medqa", "--groups", "functional,domain,style", "--general", "gen")
+    made = json.loads(run("train-router", "medqa@2", "--kind", "arrow", "--gks", "--json"))
+    assert made["kind"] == "arrow+gks" and made["hyperparameters"]["gks"] is True
+    assert json.loads(run("route", "medqa@2:1", "fa db", "--json"))["blocks"]
