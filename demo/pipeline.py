@@ -194,6 +194,7 @@ class DemoRun:
     layout_runs: dict[str, list] = field(default_factory=dict)
     layout_info: dict[str, dict] = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    router_kinds: dict = field(default_factory=dict)
 
 
 def run_demo(
@@ -202,7 +203,8 @@ def run_demo(
     """Run the whole demo; write OUT/report.json, OUT/report.md and OUT/routing_heatmap.png.
 
     The steps, in order: ``task_suite``, ``base_model_step``, ``experts_step``, ``routers_step``,
-    ``group_layouts_step``, ``evaluation_step``, then ``write_report``.
+    ``router_kinds_step`` (``router_kinds.py``), ``group_layouts_step``, ``evaluation_step``, then
+    ``write_report``.
     """
     import warnings
 
@@ -229,7 +231,11 @@ def run_demo(
     console.rule(f"atmoe-reg demo ({profile.name} profile)")
     run.steps.note(f"registry home (SQLite + blob store): {home}; outputs: {out}")
     try:
-        for step in (task_suite, base_model_step, experts_step, routers_step, group_layouts_step, evaluation_step):
+        from atmoe.demo.router_kinds import router_kinds_step
+
+        steps = (task_suite, base_model_step, experts_step, routers_step, router_kinds_step, group_layouts_step,
+                 evaluation_step)  # fmt: skip
+        for step in steps:
             step(run)
     finally:
         if run.registry is not None:
@@ -544,6 +550,7 @@ def write_report(run: DemoRun, *, total_seconds: float) -> dict:
         "temperature_sweep": evaluation["sweep"],
         "routing_accuracy_by_method": routing,
         "group_layouts": evaluation["group_layouts"],
+        "router_kinds": run.router_kinds,
         "method_details": evaluation["extra"],
         "diagnostics": evaluation["diagnostics"],
         "verdict": None,

@@ -290,6 +290,12 @@ def _choices(report: dict) -> str:
     )
 
 
+def _router_kinds(report: dict) -> str:
+    from atmoe.demo.router_kinds import markdown
+
+    return markdown(report.get("router_kinds") or {})
+
+
 def write_markdown(report: dict, path: Path) -> None:
     m = report["methods"]
     v = report["verdict"]
@@ -321,6 +327,10 @@ AT-MoE {routing.get("atmoe", float("nan")):.3f}, flat {routing.get("flat_router"
 shared {routing.get("shared_router", float("nan")):.3f}.
 
 {_router_runs(report)}
+
+## Router kinds on the AT-MoE composition (`atmoe-reg eval` on the test split, compared by `atmoe-reg evals`)
+
+{_router_kinds(report)}
 
 ## Temperature sweep (the first AT-MoE router run, trained at tau = 1)
 

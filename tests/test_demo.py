@@ -57,8 +57,23 @@ def test_demo_quick_writes_a_finite_report(tmp_path):
     with Registry.open(home=home) as registry:
         names = {e.name for e in registry.list_experts()}
         assert {"count", "parity", "animal", "loud", "general"} <= names
-        for composition in ("demo-atmoe", "demo-flat", "demo-shared"):
+        for composition in ("demo-flat", "demo-shared"):
             assert len(registry.routers(composition)) == 1
+        # demo-atmoe: its trained router and one of each other kind (one seed in the quick profile)
+        kinds = sorted(r.kind for r in registry.routers("demo-atmoe"))
+        assert kinds == ["arrow", "arrow+gks", "lorahub", "trained", "trained", "uniform"]
+        assert len(registry.evaluations("demo-atmoe")) == 6  # each scored by `eval`, stored
+    assert set(report["router_kinds"]) == {
+        "trained",
+        "uniform",
+        "arrow",
+        "arrow+gks",
+        "lorahub",
+        "trained, --init prompts",
+    }
+    for kind, info in report["router_kinds"].items():
+        assert info["runs"] == 1 and math.isfinite(info["eval_loss"]["mean"]), kind
+    assert "## Router kinds" in (out / "report.md").read_text()
 
 
 def test_demo_help_lists_its_options():
@@ -102,6 +117,11 @@ def test_group_layouts_on_a_tiny_profile(tmp_path, monkeypatch):
         assert len(info["eval_loss_per_seed"]) == len(info["routers"]) == 2, name
         assert math.isfinite(info["eval_loss"]) and 0.0 <= info["routing_accuracy"] <= 1.0, name
     assert layouts["intent_groups"]["eval_loss"] == report["methods"]["atmoe"]["eval_loss"]
+    kinds = report["router_kinds"]  # the router kinds, seeded ones twice, on the same test split
+    assert {k: v["runs"] for k, v in kinds.items()} == {
+        "trained": 2, "uniform": 1, "arrow": 1, "arrow+gks": 1, "lorahub": 2, "trained, --init prompts": 2,
+    }  # fmt: skip
+    assert all(math.isfinite(v["eval_loss"]["mean"]) for v in kinds.values())
     with Registry.open(home=home) as registry:
         experts = {e.name: e for e in registry.list_experts()}
         assert experts["animal-mixed"].digest == experts["animal"].digest  # the same adapter, a new row
