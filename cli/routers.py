@@ -6,6 +6,7 @@ torch is imported only inside the commands that build a model.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import click
 
@@ -307,8 +308,17 @@ def generate(ref, prompt, router, force, base_model, max_new_tokens, as_json) ->
     help="Cap every module at this rank (truncated SVD of the merged update; vLLM's default max is 16). "
     "Without it the export is exact.",
 )
+@click.option(
+    "--merge",
+    type=click.Choice(("ties", "dare_linear", "svd")),
+    help="A static merge of the plan's experts through PEFT's add_weighted_adapter (a baseline), "
+    "refused where PEFT is not exact for them; --rank is then svd's rank.",
+)
+@click.option(
+    "--density", type=float, default=0.5, show_default=True, help="ties / dare_linear: share of entries kept."
+)
 @base_option
-def export_lora(ref, out_dir, router, force, prompt, rank, base_model) -> None:
+def export_lora(ref, out_dir, router, force, prompt, rank, merge, density, base_model) -> None:
     """Write a routing plan (forced weights, or the router's choice for --prompt) as one plain PEFT LoRA."""
     from functools import partial
 
@@ -316,6 +326,8 @@ def export_lora(ref, out_dir, router, force, prompt, rank, base_model) -> None:
     from atmoe.inspect import route_prompt
 
     write_plan = partial(export_plan, rank=rank)
+    if merge is not None:
+        write_plan = partial(_merged_plan, ref=_with_router(ref, router), method=merge, density=density, rank=rank)
 
     weights = parse_force(force)
     if (weights is None) == (prompt is None):
@@ -326,10 +338,21 @@ def export_lora(ref, out_dir, router, force, prompt, rank, base_model) -> None:
     if weights is not None:
         with built.model.forced_routing(weights):
             route_prompt(built.model, built.tokenizer, prompt or "plan", force=None)
-            plan = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
+            plan: Any = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
     else:
         route_prompt(built.model, built.tokenizer, prompt)
         plan = write_plan(built.model, out_dir, base_model_name_or_path=built.base_model)
+    if merge is not None:
+        shown = ", ".join(f"{name} {weight:.3f}" for name, weight in plan.weights.items())
+        output.message(
+            f"wrote the {merge} merge (rank {plan.rank}) of {built.router or built.composition} to {plan.path}: {shown}"
+            + (
+                f"; max relative error against the exact rank-{plan.rank} sum {max(plan.errors.values()):.3g}"
+                if plan.errors
+                else ""
+            )
+        )
+        return
     output.message(f"wrote a plain PEFT LoRA adapter to {plan.path} (from {built.router or built.composition})")
     if rank is not None:
         worst = max(plan.errors, key=lambda module: plan.errors[module]) if plan.errors else None
@@ -339,3 +362,15 @@ def export_lora(ref, out_dir, router, force, prompt, rank, base_model) -> None:
             + f" over {len(plan.errors)} modules; per module: "
             + ", ".join(f"{module} {error:.3g}" for module, error in sorted(plan.errors.items()) if error > 0)
         )
+
+
+def _merged_plan(model, out_dir, *, base_model_name_or_path, ref, method, density, rank):
+    """``export-lora --merge``: the plan's weights, merged by PEFT from the verified expert folders."""
+    from atmoe.loading import load_base_model
+    from atmoe.merge import merge_adapters, plan_weights
+
+    weights = plan_weights(model)
+    registry = get_registry()
+    with registry.expert_folders(ref) as folders:
+        base, _ = load_base_model(base_model_name_or_path)
+        return merge_adapters(base, folders, weights, out_dir, method=method, density=density, rank=rank)

@@ -6,7 +6,10 @@ blob fails the build before a single weight is parsed or the base model is loade
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
@@ -124,3 +127,27 @@ def _built(composition: Composition, router: Router | None, model, tokenizer, mo
         general=composition.general_expert.ref if composition.general_expert else None,
         base_model=model_ref,
     )
+
+
+@contextmanager
+def expert_folders(session: Session, store: Store, ref: str) -> Iterator[dict[str, Path]]:
+    """The verified adapter folders of a composition's experts ({name: dir}, the general expert as
+    ``__general__``), written to a temporary directory that is removed on exit: what PEFT loads."""
+    import tempfile
+
+    from atmoe.registry.routers import resolve_router
+
+    composition, _ = resolve_router(session, ref, required=False)
+    experts = {m.expert.name: m.expert for m in composition.members}
+    if composition.general_expert is not None:
+        experts["__general__"] = composition.general_expert
+    files = {name: _expert_bytes(store, expert) for name, expert in experts.items()}  # all verified first
+    with tempfile.TemporaryDirectory(prefix="atmoe-experts-") as root:
+        folders = {}
+        for index, (name, blobs) in enumerate(files.items()):
+            folder = Path(root) / str(index)
+            folder.mkdir()
+            for path, data in blobs.items():
+                (folder / path).write_bytes(data)
+            folders[name] = folder
+        yield folders

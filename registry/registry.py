@@ -408,6 +408,14 @@ class Registry:
         with self.session() as session:
             return build_composition(session, self.store, ref, router=router, base_model=base_model, dtype=dtype)
 
+    @contextmanager
+    def expert_folders(self, ref: str) -> Iterator[dict[str, Path]]:
+        """The composition's verified adapter folders, in a temporary directory (``build.expert_folders``)."""
+        from atmoe.registry.build import expert_folders
+
+        with self.session() as session, expert_folders(session, self.store, ref) as folders:
+            yield folders
+
     def train_router(self, ref: str, **kwargs: Any) -> TrainedRouter:
         """Train and record the next router of ``ref``; see ``router_training.train_and_record``."""
         from atmoe.registry.router_training import train_and_record
