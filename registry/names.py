@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from atmoe.errors import InvalidName, UsageError
 
@@ -67,3 +68,15 @@ def parse_ref(text: str) -> Ref:
         else:
             router = validate_name(router_text, "router alias")
     return Ref(name=name, version=version, router=router)
+
+
+def canonical_base_model(reference: str | None) -> str | None:
+    """A base-model reference as the catalog keeps it: a relative path that exists here becomes
+    absolute (PEFT records the path the model was loaded from, relative to that process's cwd),
+    so that building later, from any directory, finds the same model; hub ids stay as they are."""
+    if not reference:
+        return reference
+    path = Path(reference).expanduser()
+    if not path.is_absolute() and path.exists():
+        return str(path.resolve())
+    return reference

@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
 from atmoe.cli import main
-from atmoe.registry import Registry
+from atmoe.registry import Registry, db
 from atmoe.registry.models import Composition, CompositionExpert, Expert, Router
 from atmoe.registry.validate import WEIGHTS_FILE, read_safetensors_header
 
@@ -63,7 +63,7 @@ def test_init_is_idempotent(atmoe_home: Path, snapshot: Callable[[], Any]) -> No
     first = ok("init")
     assert "Registry ready" in first.stderr
     state = snapshot()
-    assert state["rows"]["groups"] == 4 and state["rows"]["revision"] == "0003"
+    assert state["rows"]["groups"] == 4 and state["rows"]["revision"] == db.HEAD
     assert (atmoe_home / "store").is_dir()
     ok("init")
     assert snapshot() == state

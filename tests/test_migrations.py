@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, inspect, select, text
 
 from atmoe.cli import main
 from atmoe.errors import SchemaMismatch
-from atmoe.registry import db, netfs
+from atmoe.registry import db, netfs, search
 from atmoe.registry.config import resolve
 from atmoe.registry.models import Base, Expert
 
@@ -54,9 +54,12 @@ def test_upgrade_head_on_blank_database_matches_models(engine: Any) -> None:
 
     assert db.upgrade(engine) == (None, db.HEAD)
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True, "render_as_batch": True})
+        opts = {"compare_type": True, "render_as_batch": True, "include_name": search.alembic_include_name}
+        context = MigrationContext.configure(connection, opts=opts)
         assert compare_metadata(context, Base.metadata) == []
-        assert set(inspect(connection).get_table_names()) == db.REGISTRY_TABLES | {"alembic_version"}
+        tables = set(inspect(connection).get_table_names())
+        assert {t for t in tables if not search.is_search_object(t)} == db.REGISTRY_TABLES | {"alembic_version"}
+        assert (search.SEARCH_TABLE in tables) == (connection.dialect.name == "sqlite")
         groups = connection.execute(text("SELECT name FROM groups ORDER BY id")).scalars().all()
     assert groups == ["functional", "domain", "style", "general"]
 
@@ -100,8 +103,8 @@ def test_older_schema_is_refused_then_upgraded_with_its_data(engine: Any, snapsh
 
     result = invoke("db", "upgrade")
     assert result.exit_code == 0, result.output
-    assert "from 0001 to 0003" in result.stderr
-    assert invoke("db", "current").stdout.strip() == "0003 (head)"
+    assert f"from 0001 to {db.HEAD}" in result.stderr
+    assert invoke("db", "current").stdout.strip() == f"{db.HEAD} (head)"
     listed = invoke("list", "--json")
     assert listed.exit_code == 0
     import json
@@ -113,7 +116,7 @@ def test_older_schema_is_refused_then_upgraded_with_its_data(engine: Any, snapsh
     with Registry.open() as registry, registry.session() as session:
         expert = session.scalars(select(Expert)).one()
         assert [f.sha256 for f in expert.files] == ["b" * 64]
-    assert "already at schema 0003" in invoke("db", "upgrade").stderr
+    assert f"already at schema {db.HEAD}" in invoke("db", "upgrade").stderr
 
 
 def test_unknown_revision_is_refused_with_a_hint(engine: Any, snapshot: Callable[[], Any]) -> None:
