@@ -74,7 +74,7 @@ def _translate(error: Exception) -> NoReturn:
     if isinstance(error, OSError):
         where = f": {error.filename}" if getattr(error, "filename", None) else ""
         fail(f"{error.strerror or error}{where}", EXIT_FAILURE)
-    if type(error).__module__.startswith("sqlalchemy"):
+    if type(error).__module__.startswith(("sqlalchemy", "sqlite3", "psycopg")):  # or a driver's own, under list
         origin = getattr(error, "orig", None) or error
         fail(f"database error: {str(origin).splitlines()[0] if str(origin) else type(origin).__name__}")
     raise error

@@ -4,9 +4,9 @@
 rest of the command costs); ``open_reader`` lets it skip that on a healthy catalog. It opens the
 catalog only where ``Registry.open`` would have nothing to do but connect: the database exists and
 is at the schema head, and its store is marked. Anything else (a new database, an older or unknown
-schema, an unmarked store, a URL of another driver or with options this module does not read, a
-connection that fails) returns None, and the caller opens the ``Registry`` instead, which creates,
-refuses or reports exactly as for any other command.
+schema, an unmarked store, a URL of another driver or with options this module does not read)
+returns None, and the caller opens the ``Registry`` instead, which creates, refuses or reports
+exactly as for any other command. A database that cannot be reached at all raises the driver's error.
 
 The URL is read as SQLAlchemy reads it (``_parse_url``, ``translate_connect_args``, and the psycopg
 dialect's ``create_connect_args``: ``tests/test_listing.py`` compares them), for
@@ -156,10 +156,11 @@ def _connect(settings: Settings) -> tuple[Any, str, Path | None] | None:
         return None
     try:
         import psycopg
-
-        return psycopg.connect("", **args), "postgresql", None
-    except Exception:  # noqa: BLE001 - Registry.open connects again and reports the error as it does
+    except ImportError:  # Registry.open names the missing driver
         return None
+    # a server that refuses or cannot be reached would refuse Registry.open alike: its error is
+    # raised here (the command line reports it as it reports SQLAlchemy's), not met twice
+    return psycopg.connect("", **args), "postgresql", None
 
 
 def open_reader(settings: Settings, *, warn: Callable[[str], None] | None = None) -> CatalogReader | None:

@@ -513,3 +513,14 @@ def test_sqlite_urls_are_read_as_sqlalchemy_reads_them(url: str, file: str | Non
     assert (str(found) if found else None) == file
     if file is not None:
         assert db.sqlite_path(url) == found
+
+
+def test_a_database_that_cannot_be_read_is_one_line_as_for_any_command(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all" * 100)
+    refused = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # nothing listens on port 1
+    for url in (f"sqlite:///{junk}", refused):
+        messages = {
+            assert_one_line(invoke("--db", url, command), 1, "database error: ") for command in ("list", "groups")
+        }
+        assert len(messages) == 1, messages  # list says what every other command says
