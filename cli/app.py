@@ -26,6 +26,7 @@ from atmoe.cli import output
 from atmoe.errors import AtmoeError, UsageError
 
 if TYPE_CHECKING:
+    from atmoe.registry.listing import Reader
     from atmoe.registry.registry import Registry
 
 EXIT_FAILURE = 1
@@ -73,7 +74,7 @@ def _translate(error: Exception) -> NoReturn:
     if isinstance(error, OSError):
         where = f": {error.filename}" if getattr(error, "filename", None) else ""
         fail(f"{error.strerror or error}{where}", EXIT_FAILURE)
-    if type(error).__module__.startswith("sqlalchemy"):
+    if type(error).__module__.startswith(("sqlalchemy", "sqlite3", "psycopg")):  # or a driver's own, under list
         origin = getattr(error, "orig", None) or error
         fail(f"database error: {str(origin).splitlines()[0] if str(origin) else type(origin).__name__}")
     raise error
@@ -126,6 +127,22 @@ def get_registry(ctx: click.Context | None = None, *, check_schema: bool = True)
         db.ensure_schema(state.registry.engine)
         state.schema_checked = True
     return state.registry
+
+
+def get_reader(ctx: click.Context | None = None) -> Reader:
+    """A listing reader for this invocation (closed when the command ends): the catalog's own
+    DB-API connection when it is healthy (``reader.open_reader``: no SQLAlchemy import, the cold
+    start of ``list``), else a session of the Registry, opened and checked as for any command."""
+    ctx = ctx or click.get_current_context()
+    state = _state(ctx)
+    if state.registry is None:
+        from atmoe.registry.config import resolve
+        from atmoe.registry.reader import open_reader
+
+        reader = open_reader(resolve(state.home, state.db, state.store), warn=output.warn)
+        if reader is not None:
+            return ctx.find_root().with_resource(reader)
+    return ctx.find_root().with_resource(get_registry(ctx).reader())
 
 
 @click.group(cls=AtmoeGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from atmoe.cli import output
-from atmoe.cli.app import EXIT_FAILURE, fail, get_registry, main, one_line
+from atmoe.cli.app import EXIT_FAILURE, EXIT_USAGE, fail, get_reader, get_registry, main, one_line
 from atmoe.cli.options import json_option
 from atmoe.hub import is_hub_source
 
@@ -88,6 +88,19 @@ def add_expert(
 @click.option("--style", help="Only experts of this style.")
 @click.option("--tag", "tags", multiple=True, metavar="K=V", help="Only experts with this tag (K=V or K; repeatable).")
 @click.option("--base-model", help="Only experts of this base model.")
+@click.option(
+    "--search",
+    metavar="TEXT",
+    help="Only experts whose name, description, domain, style or tags hold every word of TEXT (as a word's start).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help=f"Show N rows (default: one screen on a terminal, {output.PIPED_PAGE_ROWS} when piped; --json: every row).",
+)
+@click.option("--offset", type=click.IntRange(min=0), default=0, metavar="N", help="Skip the first N rows.")
+@click.option("--all", "all_rows", is_flag=True, help="Show every row.")
 @json_option
 def list_command(
     group: str | None,
@@ -95,41 +108,58 @@ def list_command(
     style: str | None,
     tags: tuple[str, ...],
     base_model: str | None,
+    search: str | None,
+    limit: int | None,
+    offset: int,
+    all_rows: bool,
     as_json: bool,
 ) -> None:
-    """List experts (every version)."""
-    from atmoe.registry.experts import expert_summaries
+    """List experts (every version), by name and version, one screen at a time."""
+    from atmoe.registry import listing
 
-    registry = get_registry()
-    with registry.session() as session:
-        rows = expert_summaries(session, group=group, domain=domain, style=style, tag=list(tags), base_model=base_model)
+    if all_rows and limit is not None:
+        fail("--limit and --all exclude each other (--all shows every row)", EXIT_USAGE)
+    query = listing.ExpertFilter.make(
+        group=group, domain=domain, style=style, tag=list(tags), base_model=base_model, search=search
+    )
+    reader = get_reader()
+    if as_json and limit is None:  # data for a program: every row, streamed
+        output.print_json_rows(listing.summaries(reader, query, offset=offset, stream=True))
+        return
+    page = None if all_rows else limit or output.screen_rows()
+    rows = list(listing.summaries(reader, query, limit=page, offset=offset, stream=page is None))
+    total = listing.count(reader, query) if offset or (page is not None and len(rows) == page) else len(rows)
     if as_json:
         output.print_json(rows)
-        return
-    if not rows:
-        output.message(
-            "No experts match."
-            if any((group, domain, style, tags, base_model))
-            else "No experts yet: add one with atmoe-reg add-expert"
-        )
-        return
-    output.print_table(
-        ["ref", "group", "domain", "style", "tags", "base model", "r", "digest", "size"],
-        [
+    elif rows:
+        output.print_table(
+            ["ref", "group", "domain", "style", "tags", "base model", "r", "digest", "size"],
             [
-                f"{r['name']}@{r['version']}",
-                r["group"],
-                r["domain"] or "",
-                r["style"] or "",
-                ",".join(f"{k}={v}" for k, v in r["tags"].items()) if r["tags"] else "",
-                r["base_model"] or "",
-                str(r["r"]),
-                r["digest"][: output.DIGEST_CHARS],
-                output.human_size(r["size"]),
-            ]
-            for r in rows
-        ],
-    )
+                [
+                    f"{r['name']}@{r['version']}",
+                    r["group"],
+                    r["domain"] or "",
+                    r["style"] or "",
+                    ",".join(f"{k}={v}" for k, v in r["tags"].items()) if r["tags"] else "",
+                    r["base_model"] or "",
+                    str(r["r"]),
+                    r["digest"][: output.DIGEST_CHARS],
+                    output.human_size(r["size"]),
+                ]
+                for r in rows
+            ],
+        )
+    if rows and (offset or total > len(rows)):
+        last = offset + len(rows)
+        more = f"; more with --offset {last}, --limit N or --all" if total > last else ""
+        output.message(f"Showing {offset + 1}-{last} of {total} experts{more}")
+    elif not rows and not as_json:
+        if offset and total:
+            output.message(f"Nothing past --offset {offset}: {total} experts match")
+        else:
+            output.message(
+                "No experts match." if query.narrows else "No experts yet: add one with atmoe-reg add-expert"
+            )
 
 
 @main.command("show")

@@ -1,6 +1,8 @@
-"""Output helpers: data on stdout (``print_json``, ``print_table``), messages on stderr.
+"""Output helpers: data on stdout (``print_json``, ``print_json_rows``, ``print_table``), messages on
+stderr.
 
-rich is imported on first use, so that importing a command module stays cheap.
+rich is imported on first use, and only for a terminal (tables, colour, progress): output that is
+piped or redirected is plain text, so that ``atmoe-reg list | ...`` does not pay for importing it.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,8 @@ import click
 
 PLAIN_TABLE_ROWS = 1000  # above this, tables are printed as aligned plain text (rich is too slow)
 DIGEST_CHARS = 12
+PIPED_PAGE_ROWS = 50  # a listing's default page when stdout is not a terminal
+JSON_CHUNK_ROWS = 1000  # lines per write of a long JSON listing
 
 
 def _json_default(value: Any) -> Any:
@@ -48,6 +54,16 @@ def _finite(value: Any) -> Any:
     return value
 
 
+_encode_compact = json.JSONEncoder(default=_json_default, ensure_ascii=False, allow_nan=False).encode
+
+
+def _json_line(item: Any) -> str:
+    try:
+        return _encode_compact(item)
+    except ValueError:  # a non-finite float somewhere in this item
+        return _encode_compact(_finite(item))
+
+
 def print_json(data: Any) -> None:
     """The data alone on stdout, as JSON (for --json); never NaN or Infinity, which JSON lacks.
 
@@ -55,20 +71,39 @@ def print_json(data: Any) -> None:
     indenting encoder is pure Python and 100,000 experts must list in well under a second.
     """
     if isinstance(data, list) and len(data) > PLAIN_TABLE_ROWS:
-        encode = json.JSONEncoder(default=_json_default, ensure_ascii=False, allow_nan=False).encode
-        lines = []
-        for item in data:
-            try:
-                lines.append(encode(item))
-            except ValueError:  # a non-finite float somewhere in this item
-                lines.append(encode(_finite(item)))
-        sys.stdout.write("[\n" + ",\n".join(lines) + "\n]\n")
+        print_json_rows(data)
         return
     try:
         text = json.dumps(data, indent=2, default=_json_default, ensure_ascii=False, allow_nan=False)
     except ValueError:  # a non-finite float somewhere: the rare case pays for the walk
         text = json.dumps(_finite(data), indent=2, default=_json_default, ensure_ascii=False, allow_nan=False)
     click.echo(text)
+
+
+def print_json_rows(rows: Iterable[Any]) -> None:
+    """A JSON array of ``rows`` on stdout, written while they come: the text of ``print_json(list(rows))``
+    (indented up to ``PLAIN_TABLE_ROWS`` items, one compact item per line beyond), without waiting
+    for, or holding, the whole of a long listing."""
+    items = iter(rows)
+    head = list(islice(items, PLAIN_TABLE_ROWS + 1))
+    if len(head) <= PLAIN_TABLE_ROWS:
+        print_json(head)
+        return
+    write = sys.stdout.write
+    write("[\n")
+    lines = chain(head, items)
+    write(",\n".join(_json_line(item) for item in islice(lines, JSON_CHUNK_ROWS)))
+    while chunk := [_json_line(item) for item in islice(lines, JSON_CHUNK_ROWS)]:
+        write(",\n" + ",\n".join(chunk))
+    write("\n]\n")
+
+
+def screen_rows() -> int:
+    """A listing's default page: one screen on a terminal (its height, less the header, the note
+    under the table and the prompt), else ``PIPED_PAGE_ROWS``."""
+    if not sys.stdout.isatty():
+        return PIPED_PAGE_ROWS
+    return max(10, shutil.get_terminal_size().lines - 3)
 
 
 def _width() -> int | None:
@@ -108,7 +143,11 @@ def plain(text: str) -> str:
 
 
 def message(text: str, *, style: str | None = None) -> None:
-    """A one-line message on stderr (rich markup is not interpreted, control characters escaped)."""
+    """A one-line message on stderr (rich markup is not interpreted, control characters escaped);
+    rich only for a ``style`` (colour), plain text needs no console."""
+    if style is None:
+        click.echo(plain(text), err=True)
+        return
     console().print(plain(text), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -133,18 +172,19 @@ def cell(value: Any) -> str:
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> None:
-    """A table on stdout: rich for normal sizes, aligned plain text for very long listings. Cells are
-    text, never markup, with control characters escaped (``plain``)."""
-    from rich.text import Text
-
+    """A table on stdout: rich on a terminal, aligned plain text when piped (the same columns, one
+    line per row) or for very long listings. Cells are text, never markup, with control characters
+    escaped (``plain``)."""
     text_rows = [[plain(v if type(v) is str else cell(v)) for v in row] for row in rows]
-    if len(text_rows) > PLAIN_TABLE_ROWS:
-        widths = [max(len(c), *(len(r[i]) for r in text_rows)) for i, c in enumerate(columns)]
-        lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    if len(text_rows) > PLAIN_TABLE_ROWS or not sys.stdout.isatty():
+        widths = [max([len(c), *(len(r[i]) for r in text_rows)]) for i, c in enumerate(columns)]
+        lines = [plain(title)] if title else []
+        lines.append("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
         lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in text_rows)
         sys.stdout.write("\n".join(lines) + "\n")
         return
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=Text(plain(title)) if title else None, header_style="bold", box=None, pad_edge=False)
     for column in columns:

@@ -13,6 +13,7 @@ from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
 from atmoe.registry.models import Base
+from atmoe.registry.search import alembic_include_name
 
 config = context.config
 target_metadata = Base.metadata
@@ -23,6 +24,7 @@ def _configure(**kwargs: object) -> None:
         target_metadata=target_metadata,
         render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies the table
         compare_type=True,
+        include_name=alembic_include_name,  # the search index is not in models.py
         **kwargs,
     )
 

@@ -7,6 +7,9 @@
 - Schema: Alembic revisions in ``atmoe.migrations``. ``ensure_schema`` creates a blank database at
   head and refuses an older one (run ``atmoe-reg db upgrade``) or an unknown one (newer tool). The
   check reads ``alembic_version`` with plain SQL, so that everyday commands do not import Alembic.
+
+SQLAlchemy is imported inside the functions: ``KNOWN_REVISIONS`` and ``HEAD`` are read by the
+command line's listing, which opens the catalog without SQLAlchemy (``reader.py``).
 """
 
 from __future__ import annotations
@@ -15,18 +18,18 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from sqlalchemy import create_engine, event, inspect, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from typing import TYPE_CHECKING, Any
 
 from atmoe.errors import PermissionDenied, SchemaMismatch
 from atmoe.registry.netfs import default_warn, warn_network_filesystem
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
+
 __all__ = ["default_warn", "warn_network_filesystem"]  # re-exported: Registry.open takes them from here
 
 # Every revision this tool knows, oldest first (tests/test_migrations.py checks this against Alembic).
-KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0005", "0006")
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD = KNOWN_REVISIONS[-1]
 REGISTRY_TABLES = frozenset(
     {
@@ -63,12 +66,16 @@ def next_value(session: Any, column: Any, *criteria: Any) -> int:
 
 
 def is_sqlite(engine_or_url: Engine | str) -> bool:
-    url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
+    from sqlalchemy.engine import make_url
+
+    url = make_url(engine_or_url) if isinstance(engine_or_url, str) else engine_or_url.url
     return url.get_backend_name() == "sqlite"
 
 
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL, None for an in-memory database."""
+    from sqlalchemy.engine import make_url
+
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
@@ -76,6 +83,8 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def _install_sqlite_events(engine: Engine, *, wal: bool) -> None:
+    from sqlalchemy import event
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below issue BEGIN, instead of pysqlite's implicit one.
@@ -113,6 +122,8 @@ def create_registry_engine(
     ``detect_network_fs`` (default: ``network_filesystem``, looked up at call time so tests can
     replace it) names the network filesystem a SQLite file lies on, or returns None.
     """
+    from sqlalchemy import create_engine
+
     if not is_sqlite(url):
         return create_engine(url, pool_pre_ping=True)
     path = sqlite_path(url)
@@ -136,6 +147,8 @@ def lock_blobs(session: Any, *, exclusive: bool) -> None:
     is needed. PostgreSQL: a transaction-scoped advisory lock, released at commit or rollback, so it
     holds across processes and machines that share the database.
     """
+    from sqlalchemy import text
+
     if session.get_bind().dialect.name == "postgresql":
         function = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
         session.execute(text(f"SELECT {function}(:key)"), {"key": _PG_BLOB_LOCK})
@@ -158,6 +171,8 @@ def _check_schema_visible(connection: Connection) -> None:
     would take the catalog for a blank database; say what it lacks instead."""
     if connection.dialect.name != "postgresql":
         return
+    from sqlalchemy import text
+
     schema, user = connection.execute(text("SELECT current_schema(), session_user")).one()
     if schema is None:
         raise PermissionDenied(
@@ -168,6 +183,8 @@ def _check_schema_visible(connection: Connection) -> None:
 
 def current_revision(connection: Connection) -> str | None:
     """The Alembic revision of the database, None for a database without one."""
+    from sqlalchemy import inspect, text
+
     _check_schema_visible(connection)
     if not inspect(connection).has_table("alembic_version"):
         return None
@@ -178,6 +195,8 @@ def current_revision(connection: Connection) -> str | None:
 
 
 def _has_registry_tables(connection: Connection) -> bool:
+    from sqlalchemy import inspect
+
     return bool(REGISTRY_TABLES & set(inspect(connection).get_table_names()))
 
 
@@ -242,6 +261,8 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
     batch migrations copy a table and DROP the old one, and with foreign keys on, that DROP would
     cascade-delete the rows that reference it. ``PRAGMA foreign_key_check`` runs before commit.
     """
+    from sqlalchemy import text
+
     with write_engine(engine).connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
         driver = connection.connection.driver_connection if sqlite else None

@@ -13,22 +13,23 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, Text, cast, delete, or_, select
+from sqlalchemy import Integer, delete, or_, select, text
 from sqlalchemy.orm import Session, lazyload, selectinload
 
 from atmoe.errors import ExpertNotFound, GroupConflict, InUse, InvalidAdapter, UsageError
 from atmoe.hub import is_hub_source, parse_hub_ref
-from atmoe.registry import events, roles
+from atmoe.registry import events, listing, roles
 from atmoe.registry.db import next_value
 from atmoe.registry.expert_aliases import aliased_expert, aliases_of
 from atmoe.registry.groups import get_group
+from atmoe.registry.listing import ExpertFilter
 from atmoe.registry.models import Composition, CompositionExpert, Expert, ExpertAlias, ExpertFile, Group
-from atmoe.registry.names import Ref, parse_ref, validate_name
+from atmoe.registry.names import Ref, canonical_base_model, parse_ref, validate_name
 from atmoe.registry.records import ExpertRecord
 
 if TYPE_CHECKING:
@@ -61,22 +62,6 @@ def current_user() -> str | None:
         return getpass.getuser()
     except Exception:  # no user name in some containers
         return None
-
-
-def canonical_base_model(reference: str | None) -> str | None:
-    """A base-model reference as the catalog keeps it: a relative path that exists here becomes
-    absolute (PEFT records the path the model was loaded from, relative to that process's cwd),
-    so that building later, from any directory, finds the same model; hub ids stay as they are, and
-    ``hf://ORG/REPO[@REV]`` is kept as ``ORG/REPO`` (what PEFT records; the revision is a column of
-    its own, ``base_model_columns``), so that one model has one name in the catalog."""
-    if not reference:
-        return reference
-    if is_hub_source(reference):
-        return parse_hub_ref(reference, subfolder=False).repo_id
-    path = Path(reference).expanduser()
-    if not path.is_absolute() and path.exists():
-        return str(path.resolve())
-    return reference
 
 
 def base_model_columns(
@@ -337,41 +322,20 @@ def insert_expert(
 # -- queries -------------------------------------------------------------------------------------
 
 
-def _filtered(
-    statement: Select[Any],
-    *,
-    group: str | None = None,
-    domain: str | None = None,
-    style: str | None = None,
-    tag: str | Sequence[str] | Mapping[str, str] | None = None,
-    base_model: str | None = None,
-    name: str | None = None,
-) -> Select[Any]:
-    if group is not None:
-        statement = statement.where(Group.name == group)
-    if domain is not None:
-        statement = statement.where(Expert.domain == domain)
-    if style is not None:
-        statement = statement.where(Expert.style == style)
-    if base_model is not None:
-        statement = statement.where(Expert.base_model == canonical_base_model(base_model))
-    if name is not None:
-        statement = statement.where(Expert.name == name)
-    if tag:
-        if isinstance(tag, Mapping):
-            items = [f"{k}={v}" for k, v in tag.items()]
-        elif isinstance(tag, str):
-            items = [tag]
-        else:
-            items = list(tag)
-        for item in items:
-            key, sep, value = item.partition("=")
-            validate_name(key, "tag key")
-            if sep:
-                statement = statement.where(Expert.tags[key].as_string() == value)
-            else:  # KEY alone: the tag is set
-                statement = statement.where(Expert.tags[key].as_string().is_not(None))
-    return statement
+class SessionReader:
+    """A listing ``Reader`` (``listing.py``) over a SQLAlchemy session: the same SQL as the command
+    line's, run in the session's transaction."""
+
+    paramstyle = "named"
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.dialect = session.get_bind().dialect.name
+
+    def execute(self, sql: str, params: Mapping[str, Any], *, stream: bool = False) -> Iterator[Sequence[Any]]:
+        options = {"yield_per": 1000} if stream else {}
+        connection = self.session.connection(execution_options=options or None)
+        yield from connection.execute(text(sql), dict(params))
 
 
 def list_experts(
@@ -382,84 +346,27 @@ def list_experts(
     style: str | None = None,
     tag: str | Sequence[str] | Mapping[str, str] | None = None,
     base_model: str | None = None,
+    search: str | None = None,
     with_files: bool = False,
 ) -> list[Expert]:
-    """Experts (every version), ordered by name and version. ``tag``: "K=V", "K", or several."""
-    statement = select(Expert).join(Expert.group)
-    statement = _filtered(statement, group=group, domain=domain, style=style, tag=tag, base_model=base_model)
+    """Experts (every version), ordered by name and version. ``tag``: "K=V", "K", or several;
+    ``search``: free text (``search.py``). The filter is the listing's (``listing.ExpertFilter``)."""
+    query = ExpertFilter.make(group=group, domain=domain, style=style, tag=tag, base_model=base_model, search=search)
+    statement = select(Expert)
+    if query.narrows:
+        reader = SessionReader(session)
+        sql, params = listing.ids_sql(query, dialect=reader.dialect, paramstyle=reader.paramstyle)
+        statement = statement.where(Expert.id.in_(text(sql).bindparams(**params).columns(id=Integer)))
     loader = selectinload(Expert.files) if with_files else lazyload(Expert.files)
-    return list(session.scalars(statement.options(loader).order_by(Expert.name, Expert.version)))
+    return sorted(session.scalars(statement.options(loader)), key=lambda e: (e.name.encode(), e.version))
 
 
-def expert_summaries(session: Session, **filters: Any) -> list[dict[str, Any]]:
-    """Plain rows for listings (no ORM objects, so 100,000 experts list in well under a second).
-
-    Filters as in ``list_experts``. Tags come back as text and are decoded once per distinct
-    value (teams reuse a few tag sets), each row getting its own dict.
-    """
-    statement = select(
-        Expert.name,
-        Expert.version,
-        Group.name.label("group"),
-        Expert.domain,
-        Expert.style,
-        cast(Expert.tags, Text).label("tags"),
-        Expert.base_model,
-        Expert.r,
-        Expert.alpha,
-        Expert.use_rslora,
-        Expert.digest,
-        Expert.size,
-        Expert.created_at,
-        Expert.created_by,
-    ).join(Group, Expert.group_id == Group.id)
-    statement = _filtered(statement, **filters).order_by(Expert.name, Expert.version)
-    result = session.connection().execute(statement)  # Core rows: no ORM bookkeeping per row
-    decoded: dict[str, dict[str, Any]] = {}
-
-    def tags_of(raw: str | None) -> dict[str, Any]:
-        tags = decoded.get(raw or "{}")
-        if tags is None:
-            tags = decoded[raw or "{}"] = json.loads(raw or "{}")
-        return dict(tags)
-
-    utc = timezone.utc
-    return [
-        {
-            "name": name,
-            "version": version,
-            "group": group,
-            "domain": domain,
-            "style": style,
-            "tags": tags_of(tags),
-            "base_model": base_model,
-            "r": r,
-            "alpha": alpha,
-            "use_rslora": use_rslora,
-            "digest": digest,
-            "size": size,
-            "created_at": created_at.replace(tzinfo=utc)
-            if created_at is not None and created_at.tzinfo is None
-            else created_at,
-            "created_by": created_by,
-        }
-        for (
-            name,
-            version,
-            group,
-            domain,
-            style,
-            tags,
-            base_model,
-            r,
-            alpha,
-            use_rslora,
-            digest,
-            size,
-            created_at,
-            created_by,
-        ) in result.all()
-    ]
+def expert_summaries(
+    session: Session, *, limit: int | None = None, offset: int = 0, **filters: Any
+) -> list[dict[str, Any]]:
+    """Plain rows for listings (``listing.summaries``: no ORM objects, so 100,000 experts list in
+    well under a second). Filters as in ``list_experts``; ``limit`` rows from ``offset``."""
+    return list(listing.summaries(SessionReader(session), ExpertFilter.make(**filters), limit=limit, offset=offset))
 
 
 def get_expert(session: Session, ref: str | Ref) -> Expert:

@@ -1,7 +1,10 @@
 """Typed SQLAlchemy 2.x models of the catalog (DESIGN.md section 3).
 
 The schema is owned by the Alembic revisions in ``migrations/versions``; ``tests/test_migrations.py``
-checks that ``upgrade head`` produces exactly these tables. Change both together.
+checks that ``upgrade head`` produces exactly these tables. Change both together. Beside them,
+migration 0004 makes the engine-specific search index of ``list --search`` (``search.py``: an FTS5
+table kept by triggers on ``experts`` on SQLite, a GIN index on PostgreSQL), which the comparison
+skips; a batch migration that copies ``experts`` on SQLite must create those triggers again.
 
 Tables:
 

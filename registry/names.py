@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from atmoe.errors import InvalidName, UsageError
 
@@ -96,3 +97,21 @@ def parse_ref(text: str) -> Ref:
         else:
             router = validate_name(router_text, "router alias")
     return Ref(name=name, version=version, router=router, alias=alias)
+
+
+def canonical_base_model(reference: str | None) -> str | None:
+    """A base-model reference as the catalog keeps it: a relative path that exists here becomes
+    absolute (PEFT records the path the model was loaded from, relative to that process's cwd),
+    so that building later, from any directory, finds the same model; hub ids stay as they are, and
+    ``hf://ORG/REPO[@REV]`` is kept as ``ORG/REPO`` (what PEFT records; the revision is a column of
+    its own, ``experts.base_model_columns``), so that one model has one name in the catalog."""
+    if not reference:
+        return reference
+    from atmoe.hub import is_hub_source, parse_hub_ref
+
+    if is_hub_source(reference):
+        return parse_hub_ref(reference, subfolder=False).repo_id
+    path = Path(reference).expanduser()
+    if not path.is_absolute() and path.exists():
+        return str(path.resolve())
+    return reference

@@ -165,6 +165,12 @@ class Registry:
                 raise refused from None
 
     @contextmanager
+    def reader(self) -> Iterator[experts.SessionReader]:
+        """A read session as a listing ``Reader`` (``listing.py``)."""
+        with self.session() as session:
+            yield experts.SessionReader(session)
+
+    @contextmanager
     def write(self) -> Iterator[Session]:
         """A write session: takes the write lock first on SQLite, commits on success. A database
         refusal for lack of privilege is raised as PermissionDenied, after the rollback."""
@@ -276,9 +282,11 @@ class Registry:
         tag: str | Sequence[str] | Mapping[str, str] | None = None,
         base_model: str | None = None,
         *,
+        search: str | None = None,
         with_files: bool = False,
     ) -> list[ExpertRecord]:
-        """Every version, by name and version. Files are loaded only ``with_files``."""
+        """Every version, by name and version. ``search``: free text over names, descriptions, domains,
+        styles and tags (``search.py``). Files are loaded only ``with_files``."""
         with self.session() as session:
             rows = experts.list_experts(
                 session,
@@ -287,6 +295,7 @@ class Registry:
                 style=style,
                 tag=tag,
                 base_model=base_model,
+                search=search,
                 with_files=with_files,
             )
             return [ExpertRecord.from_row(row, files=with_files) for row in rows]

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, inspect, select, text
 
 from atmoe.cli import main
 from atmoe.errors import SchemaMismatch
-from atmoe.registry import db, netfs
+from atmoe.registry import db, netfs, search
 from atmoe.registry.config import resolve
 from atmoe.registry.models import Base, Expert
 
@@ -54,9 +54,12 @@ def test_upgrade_head_on_blank_database_matches_models(engine: Any) -> None:
 
     assert db.upgrade(engine) == (None, db.HEAD)
     with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"compare_type": True, "render_as_batch": True})
+        opts = {"compare_type": True, "render_as_batch": True, "include_name": search.alembic_include_name}
+        context = MigrationContext.configure(connection, opts=opts)
         assert compare_metadata(context, Base.metadata) == []
-        assert set(inspect(connection).get_table_names()) == db.REGISTRY_TABLES | {"alembic_version"}
+        tables = set(inspect(connection).get_table_names())
+        assert {t for t in tables if not search.is_search_object(t)} == db.REGISTRY_TABLES | {"alembic_version"}
+        assert (search.SEARCH_TABLE in tables) == (connection.dialect.name == "sqlite")
         groups = connection.execute(text("SELECT name FROM groups ORDER BY id")).scalars().all()
     assert groups == ["functional", "domain", "style", "general"]
 
