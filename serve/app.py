@@ -207,9 +207,10 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = error.errors()
-        first: dict[str, Any] = dict(problems[0]) if problems else {"msg": "invalid request", "loc": ()}
-        where = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+        problems = [dict(problem) for problem in error.errors()] or [{"msg": "invalid request", "loc": ()}]
+        # of a union's per-branch errors, the one that is not a mere type mismatch says most
+        first = next((p for p in problems if not str(p.get("type", "")).endswith("_type")), problems[0])
+        where = [str(part) for part in first.get("loc", ()) if not _union_tag(part)]
         if first.get("type") == "json_invalid":
             message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
         elif not where:
@@ -217,7 +218,8 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
         else:
             message = f"{'.'.join(where) + ': ' if where else ''}{first['msg']}"
             param = ".".join(where) or None
-        return JSONResponse(ApiError(400, message, param=param).body(), status_code=400)
+        code = "invalid_force" if param and param.startswith("atmoe.force") else None
+        return JSONResponse(ApiError(400, message, param=param, code=code).body(), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -312,14 +314,24 @@ def create_app(pool: ModelPool, config: ServeConfig) -> FastAPI:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             served = [s.key for s in pool.served()]
             for name in ("CompletionRequest", "ChatRequest"):
-                model = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {}).get("model")
-                if model is not None and served:
-                    model["examples"] = served
+                properties = schema.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+                if "model" in properties and served:
+                    properties["model"]["examples"] = served
+                for limit in ("max_tokens", "max_completion_tokens"):  # --max-tokens is this server's
+                    for branch in properties.get(limit, {}).get("anyOf", []):
+                        if branch.get("type") == "integer":
+                            branch["maximum"] = config.max_tokens
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _union_tag(part: Any) -> bool:
+    """A location part that names a union branch (``list[int]``, ``constrained-str``) or the body."""
+    text = str(part)
+    return text == "body" or "[" in text or "-" in text or text in ("str", "int", "float", "bool", "dict", "list")
 
 
 async def _catalog(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -8,7 +8,7 @@ Per-request routing comes in the extra field ``atmoe``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,13 +16,22 @@ MAX_N = 8
 MAX_STOP = 4
 MAX_PROMPTS = 32
 
+StopString = Annotated[str, Field(max_length=256)]
+Weight = Annotated[float, Field(ge=0.0, strict=True)]  # a JSON number >= 0 (not "1", not NaN)
+
+
+def unsupported(default: Any, description: str) -> Any:
+    """A field of the OpenAI API that the server does not implement: the schema admits only its
+    neutral value; any other is refused with 400 and the reason (the validators below)."""
+    return Field(default=default, description=description, json_schema_extra={"enum": [default]})
+
 
 class AtmoeOptions(BaseModel):
     """The ``atmoe`` extension of a request."""
 
     model_config = ConfigDict(extra="forbid")
 
-    force: dict[str, Any] | None = Field(
+    force: dict[str, Weight] | None = Field(
         default=None,
         description="Expert weights by name for this request, instead of the router's (as --force NAME=W).",
         examples=[{"count": 0.4, "animal": 0.3, "loud": 0.3}],
@@ -47,21 +56,18 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOP} stop strings.")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = Field(
+        default=None, description=f"Up to {MAX_STOP} stop strings."
+    )
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     user: str | None = Field(default=None, max_length=256)
-    presence_penalty: float = Field(default=0.0, description="Not supported: must be 0.")
-    frequency_penalty: float = Field(default=0.0, description="Not supported: must be 0.")
-    logit_bias: dict[str, float] | None = Field(default=None, description="Not supported: must be empty.")
+    presence_penalty: float = unsupported(0.0, "Not supported: must be 0.")
+    frequency_penalty: float = unsupported(0.0, "Not supported: must be 0.")
+    logit_bias: dict[str, float] | None = unsupported(None, "Not supported: must be null.")
     atmoe: AtmoeOptions | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
-        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
-            raise ValueError(f"stop: at most {MAX_STOP} stop strings")
-        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        if any(len(s) > 256 for s in stops):
-            raise ValueError("stop: a stop string is at most 256 characters")
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty and frequency_penalty are not supported: leave them at 0")
         if self.logit_bias:
@@ -82,15 +88,22 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
         description=f"Text, or token ids; a list of up to {MAX_PROMPTS} of either answers each.",
         examples=["instruction: count animal loud input: c a b output:"],
     )
-    max_tokens: int | None = Field(default=16, description="Tokens to generate at most (default 16).")
-    logprobs: int | None = Field(default=None, description="Not supported: must be null.")
-    echo: bool = Field(default=False, description="Not supported: must be false.")
-    best_of: int | None = Field(default=None, description="Not supported beyond 1.")
-    suffix: str | None = Field(default=None, description="Not supported: must be null.")
+    max_tokens: int | None = Field(default=16, ge=1, description="Tokens to generate at most (default 16).")
+    logprobs: int | None = unsupported(None, "Not supported: must be null.")
+    echo: bool = unsupported(False, "Not supported: must be false.")
+    best_of: int | None = Field(
+        default=None, description="Not supported beyond 1.", json_schema_extra={"enum": [None, 1]}
+    )
+    suffix: str | None = unsupported(None, "Not supported: must be null.")
 
     @model_validator(mode="after")
     def _completion_supported(self) -> CompletionRequest:
@@ -109,12 +122,8 @@ class CompletionRequest(_Sampling):
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
-        if not prompt:
-            raise ValueError("prompt: empty list")
         if all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
-        if len(prompt) > MAX_PROMPTS:
-            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts in one request")
         return list(prompt)  # type: ignore[arg-type]
 
 
@@ -144,11 +153,15 @@ class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``: the messages go through the tokenizer's chat template."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, description="Tokens to generate at most (default: to --max-tokens).")
-    max_completion_tokens: int | None = Field(default=None, description="The newer name of max_tokens.")
-    logprobs: bool = Field(default=False, description="Not supported: must be false.")
-    tools: list[Any] | None = Field(default=None, description="Not supported.")
-    response_format: dict[str, Any] | None = Field(default=None, description="Only {'type': 'text'}.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens to generate at most (default: to --max-tokens)."
+    )
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="The newer name of max_tokens.")
+    logprobs: bool = unsupported(False, "Not supported: must be false.")
+    tools: list[Any] | None = unsupported(None, "Not supported: must be null.")
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="Only {'type': 'text'}.", json_schema_extra={"enum": [None, {"type": "text"}]}
+    )
 
     @model_validator(mode="after")
     def _chat_supported(self) -> ChatRequest:
