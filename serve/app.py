@@ -471,6 +471,7 @@ def _queue_rows(prepared: _Prepared, body: CompletionRequest | ChatRequest) -> _
                     on_event=rows.sink(row, loop),
                     stop=body.stop_strings,
                     force=prepared.force,
+                    ignore_eos=body.ignore_eos,
                 )
             )
     try:

@@ -136,15 +136,28 @@ class PlainBackend(_Forwarding):
 
 
 class PeftMixedBackend(PlainBackend):
-    """A ``PeftModel`` holding several LoRA adapters, each row run through its own one: PEFT's
-    mixed-adapter batch (``adapter_names``), which takes no routing and no mixture."""
+    """A ``PeftModel`` holding several LoRA adapters, each row run through one of them: PEFT's
+    mixed-adapter batch (``adapter_names``), which takes no routing and no mixture. A row's adapter
+    is the expert its force weighs most (the first adapter without a force)."""
 
     def __init__(self, model: Any, tokenizer: Any, adapters: Sequence[str]) -> None:
         _Forwarding.__init__(self, model, tokenizer, model.get_base_model())
         self.adapters = tuple(adapters)
 
+    def check_force(self, weights: Any) -> None:
+        from atmoe.errors import RoutingError
+
+        unknown = sorted(set(weights or ()) - set(self.adapters))
+        if unknown:
+            raise RoutingError(f"unknown adapter {unknown[0]!r} (adapters: {', '.join(self.adapters)})")
+
+    def _adapter(self, job: Job) -> str:
+        if not job.force:
+            return self.adapters[0]
+        return max(job.force, key=lambda name: job.force[name])  # type: ignore[index]
+
     def prefill(self, ids: Tensor, mask: Tensor, positions: Tensor, jobs: Sequence[Job]) -> tuple[Tensor, Any, Any]:
-        state = PlainRows(tuple(job.adapter or self.adapters[0] for job in jobs))
+        state = PlainRows(tuple(self._adapter(job) for job in jobs))
         logits, cache = self._forward(ids, mask, positions, None, adapter_names=list(state.adapters))
         return logits, cache, state
 

@@ -75,7 +75,7 @@ class Job:
     on_event: Callable[[Event], None]
     stop: tuple[str, ...] = ()
     force: Mapping[str, float] | None = None
-    adapter: str | None = None  # a plain-adapter backend's adapter for this row (PEFT's adapter_names)
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks: equal work)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -278,7 +278,7 @@ class Worker:
         if job.cancelled.is_set():
             return  # dropped with the finished rows
         row.generated += 1
-        if token in self.backend.eos_token_ids:
+        if token in self.backend.eos_token_ids and not job.ignore_eos:
             self._finish(row, "stop")
             return
         delta = row.stream.push(token)

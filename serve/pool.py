@@ -85,6 +85,9 @@ class ModelPool:
         known = self._known.get(ref)
         if known is not None:
             return known
+        with self._lock:
+            if ref in self._models:  # a key itself, or a model added as it is (``add``)
+                return ref
         from atmoe.registry.names import parse_ref
         from atmoe.registry.routers import resolve_router
 
@@ -132,6 +135,12 @@ class ModelPool:
             existing.pinned = True
             served.append(existing)
         return served
+
+    def add(self, served: Served) -> None:
+        """Serve a model made elsewhere (a plain base model, say) under its key; it stays loaded."""
+        served.pinned = True
+        with self._lock:
+            self._models[served.key] = served
 
     # -- the event loop's side -----------------------------------------------------------------
 

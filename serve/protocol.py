@@ -64,6 +64,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = unsupported(0.0, "Not supported: must be 0.")
     frequency_penalty: float = unsupported(0.0, "Not supported: must be 0.")
     logit_bias: dict[str, float] | None = unsupported(None, "Not supported: must be null.")
+    ignore_eos: bool = Field(default=False, description="Go on past the end-of-sequence token (as vLLM's).")
     atmoe: AtmoeOptions | None = None
 
     @model_validator(mode="after")

@@ -39,8 +39,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory) -> fixtures.Catalog:
-    return fixtures.make_catalog(tmp_path_factory.mktemp("serve"))
+def catalog(serve_catalog) -> fixtures.Catalog:
+    return serve_catalog
 
 
 @pytest.fixture(scope="module")
