@@ -152,9 +152,10 @@ class PeftMixedBackend(PlainBackend):
             raise RoutingError(f"unknown adapter {unknown[0]!r} (adapters: {', '.join(self.adapters)})")
 
     def _adapter(self, job: Job) -> str:
-        if not job.force:
+        force = job.force
+        if not force:
             return self.adapters[0]
-        return max(job.force, key=lambda name: job.force[name])  # type: ignore[index]
+        return max(force, key=lambda name: force[name])
 
     def prefill(self, ids: Tensor, mask: Tensor, positions: Tensor, jobs: Sequence[Job]) -> tuple[Tensor, Any, Any]:
         state = PlainRows(tuple(self._adapter(job) for job in jobs))
