@@ -49,6 +49,15 @@ def serve(refs: tuple[str, ...], api_key: str | None, **options) -> None:
         )
     )
     try:
-        server.run()
+        server.run()  # returns after Ctrl-C once running requests are answered (or --drain-seconds)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after its graceful shutdown
+        pass
     finally:
-        pool.close(config.drain_seconds)
+        pool.close(config.drain_seconds)  # the app's shutdown closed it already, unless uvicorn failed
+    cut = pool.rows_left_at_close  # rows whose requests uvicorn cut when --drain-seconds ran out
+    if cut:
+        output.warn(
+            f"stopped: {cut} rows were still running after --drain-seconds {config.drain_seconds:g} and were cut"
+        )
+    else:
+        output.message("stopped: every running request was answered")

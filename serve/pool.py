@@ -77,6 +77,7 @@ class ModelPool:
         self._loading: dict[str, asyncio.Future[Served]] = {}
         self._known: dict[str, str] = {}  # immutable reference -> key
         self._lock = threading.Lock()
+        self.rows_left_at_close = 0  # rows still waiting or running when ``close`` was called
 
     # -- resolution and loading (threads) ------------------------------------------------------
 
@@ -191,5 +192,6 @@ class ModelPool:
         with self._lock:
             models = list(self._models.values())
             self._models.clear()
+        self.rows_left_at_close += sum(served.worker.load for served in models)
         for served in models:
             served.worker.close(timeout)

@@ -518,3 +518,57 @@ def test_the_api_holds_to_its_openapi_schema(server):
             case.call_and_validate(headers=headers)
 
         holds()
+
+
+# -- the command itself -------------------------------------------------------------------------------------
+
+
+def _serve_process(catalog, *args: str):
+    import subprocess
+
+    command = [str(Path(sys.executable).with_name("atmoe-reg")), *catalog.options, "serve", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_refuses_an_unknown_reference_in_one_line(catalog):
+    process = _serve_process(catalog, "nosuch:prod", "--port", str(fixtures.free_port()))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 1 and out == ""
+    assert err.strip().splitlines() == ["Error: no router alias 'prod' for composition nosuch"]
+
+
+def test_ctrl_c_lets_a_running_stream_finish_then_stops(catalog):
+    import signal
+
+    port = fixtures.free_port()
+    process = _serve_process(catalog, "medqa:prod", "--port", str(port), "--max-tokens", "400")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(lambda: process.poll() is not None or _answers(url))
+        assert process.poll() is None, process.communicate()
+        body = {"model": "medqa:prod", "prompt": "fa da", "max_tokens": 400, "temperature": 0, "stream": True,
+                "ignore_eos": True, "stop": ["never-produced"]}  # fmt: skip
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            process.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line.startswith("data:")]
+        assert rest[-1] == "data: [DONE]"
+        finishes = [json.loads(line[5:])["choices"] for line in rest[:-1]]
+        assert [c[0]["finish_reason"] for c in finishes if c][-1] == "length"
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        assert err.strip().splitlines()[-1] == "stopped: every running request was answered"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
