@@ -18,13 +18,17 @@ into routing weights and hands them, as coefficients, to the block's ``BlockRout
   argument is called; token routing routes each new token on its own hidden state.
 - Sequence routing pools over the request's ``routing_mask``, else its ``attention_mask`` (left or
   right padding), else all tokens.
+- A serving loop batches rows routed apart: ``request(force_rows=...)`` forces some rows of a prompt
+  batch and routes the others; ``row_routing()`` returns each row's routing (``RowRouting``), and
+  ``request(rows=...)`` runs a decode step of rows that joined from several such requests under
+  their own weights.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +41,7 @@ from atmoe.errors import AtmoeError, RoutingError
 from atmoe.layer import BlockRouting
 from atmoe.router import FlatRouter, GroupedRouter, InputStandardizer
 from atmoe.routing import group_totals, pool_hidden
+from atmoe.row_routing import RowRouting
 
 
 @dataclass
@@ -46,11 +51,16 @@ class _Request:
     ``mask`` [B, T] marks the prompt tokens that sequence routing pools over (None: every token).
     ``hold``: route the request's first forward and hold that routing for its later forwards
     (decode steps). ``routed`` holds the indices of the blocks that have routed in this request.
+    ``forced`` [B, E] / ``is_forced`` [B]: rows whose weights are forced (the others are routed).
+    ``rows``: the routing of rows routed in earlier requests, which this request's forwards keep.
     """
 
     mask: Tensor | None
     hold: bool
     routed: set[int] = field(default_factory=set)
+    forced: Tensor | None = None
+    is_forced: Tensor | None = None
+    rows: RowRouting | None = None
 
 
 def _request_mask(attention_mask: Any, routing_mask: Any, input_ids: Any) -> Tensor | None:
@@ -176,23 +186,49 @@ class AtMoEModel(nn.Module):
 
     @contextmanager
     def request(
-        self, *, attention_mask: Tensor | None = None, routing_mask: Tensor | None = None
+        self,
+        *,
+        attention_mask: Tensor | None = None,
+        routing_mask: Tensor | None = None,
+        force_rows: Sequence[Mapping[str, float] | None] | None = None,
+        rows: RowRouting | None = None,
     ) -> Iterator[AtMoEModel]:
         """One request: its first forward (the prompt, [B, T] like the mask) is routed, and every later
         forward inside reuses that routing; for a hand-written decode loop over a KV cache.
 
-        Requests do not nest: a second ``request`` inside the first raises ``RoutingError``.
+        ``force_rows``: one entry per row, its forced weights by expert name (checked as
+        ``forced_routing`` checks them) or None to route that row. ``rows``: the ``RowRouting`` of rows
+        routed before (``row_routing()`` inside their requests, ``select``-ed and ``cat``-ed): every
+        forward inside keeps each row's weights (token routing routes each new token, forced rows
+        keep their weights). Requests do not nest: a second ``request`` inside the first raises
+        ``RoutingError``.
         """
-        with self._holding(_request_mask(attention_mask, routing_mask, None)):
+        if force_rows is not None and rows is not None:
+            raise RoutingError("a request takes force_rows (a prompt batch) or rows (routed before), not both")
+        forced = is_forced = None
+        if force_rows is not None:
+            forced = torch.stack(
+                [self._forced_vector(w) if w is not None else torch.zeros(self.num_experts) for w in force_rows]
+            ).reshape(len(force_rows), self.num_experts)  # [B, E]
+            is_forced = torch.tensor([w is not None for w in force_rows], dtype=torch.bool)  # [B]
+        elif rows is not None:
+            forced, is_forced = rows.forced, rows.is_forced
+        with self._holding(_request_mask(attention_mask, routing_mask, None), forced, is_forced, rows):
             yield self
 
     @contextmanager
-    def _holding(self, mask: Tensor | None) -> Iterator[AtMoEModel]:
+    def _holding(
+        self,
+        mask: Tensor | None,
+        forced: Tensor | None = None,
+        is_forced: Tensor | None = None,
+        rows: RowRouting | None = None,
+    ) -> Iterator[AtMoEModel]:
         if self._request is not None:
             raise RoutingError("a request is already open on this model; requests do not nest")
         self._invalidate()
         try:
-            with self._requesting(_Request(mask, hold=True)):
+            with self._requesting(_Request(mask, hold=True, forced=forced, is_forced=is_forced, rows=rows)):
                 yield self
         finally:
             self._invalidate()  # the next request routes afresh
@@ -286,6 +322,13 @@ class AtMoEModel(nn.Module):
         mask = self._token_mask(index, hidden)
         if request is not None:
             request.routed.add(index)
+        held_rows = request.rows if request is not None else None
+        if held_rows is not None and sequence and held_rows.coefficients is not None:
+            if held_rows.batch_size != batch:
+                raise RoutingError(f"the request holds the routing of {held_rows.batch_size} rows, not {batch}")
+            routing.set(held_rows.coefficients[index].to(hidden.device))  # [B, 1, E+1] as each row was routed
+            self._last[index] = (held_rows.groups[index], held_rows.experts[index], None)
+            return
         if self._forced is not None:
             weights = self._forced.to(hidden.device).expand(batch, 1, -1)  # [B, 1, E]
             group_w = group_totals(weights, self.expert_group_index, self.n_groups)  # [B, 1, N_G]
@@ -297,14 +340,56 @@ class AtMoEModel(nn.Module):
             if sequence:
                 u = pool_hidden(hidden, mask)  # [B, D]
                 group_w, weights = router(standardize(u), temperature)  # [B, N_G], [B, E]
-                self._last[index] = (group_w, weights, None)
-                weights = weights.unsqueeze(1)  # [B, 1, E]
+                group_w, weights = group_w.unsqueeze(1), weights.unsqueeze(1)  # [B, 1, N_G], [B, 1, E]
             else:
                 group_w, weights = router(standardize(hidden), temperature)  # [B, T, N_G], [B, T, E]
-                self._last[index] = (group_w, weights, mask)
+            if request is not None and request.is_forced is not None:
+                group_w, weights = self._force_rows(request, group_w, weights)
+            self._last[index] = (group_w.squeeze(1), weights.squeeze(1), None) if sequence else (group_w, weights, mask)
         lam = self._lambda(index)
         general = (1.0 - lam) * weights.new_ones(*weights.shape[:-1], 1)  # [B, 1|T, 1]
         routing.set(torch.cat([lam * weights, general], dim=-1), mask)  # [B, 1|T, E+1]
+
+    def _force_rows(self, request: _Request, group_w: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """The request's forced rows take their forced weights; the other rows keep the router's.
+
+        ``group_w`` [B, 1|T, N_G], ``weights`` [B, 1|T, E]; the forced weights apply to every token."""
+        assert request.forced is not None and request.is_forced is not None
+        if request.is_forced.shape[0] != weights.shape[0]:
+            raise RoutingError(f"force_rows has {request.is_forced.shape[0]} rows, the batch {weights.shape[0]}")
+        forced = request.forced.to(device=weights.device, dtype=weights.dtype).unsqueeze(1)  # [B, 1, E]
+        forced_groups = group_totals(forced, self.expert_group_index, self.n_groups)  # [B, 1, N_G]
+        pick = request.is_forced.to(weights.device).view(-1, 1, 1)  # [B, 1, 1]
+        return torch.where(pick, forced_groups, group_w), torch.where(pick, forced, weights)
+
+    def row_routing(self) -> RowRouting:
+        """Each row's routing in the open request, after its first forward (see ``RowRouting``).
+
+        Call it inside ``request(...)``; the rows can then be kept, joined with others and passed back
+        as ``request(rows=...)`` for decode steps. Under ``forced_routing`` every row is forced."""
+        request = self._request
+        if request is None:
+            raise RoutingError("row_routing() reads the open request: call it inside model.request(...)")
+        if request.rows is not None and self.atmoe_config.routing == "sequence":
+            return request.rows
+        per_block = self._routing_rows()
+        batch = per_block[0][1].shape[0]
+        if self._forced is not None:
+            forced, is_forced = self._forced.expand(batch, -1), torch.ones(batch, dtype=torch.bool)
+        elif request.forced is not None and request.is_forced is not None:
+            forced, is_forced = request.forced, request.is_forced
+        else:
+            forced, is_forced = torch.zeros(batch, self.num_experts), torch.zeros(batch, dtype=torch.bool)
+        coefficients = None
+        if self.atmoe_config.routing == "sequence":
+            coefficients = tuple(r.coefficients for r in self._routings)  # type: ignore[misc]
+        return RowRouting(
+            coefficients=coefficients,
+            forced=forced.detach().float(),
+            is_forced=is_forced,
+            groups=tuple(group_w for group_w, _ in per_block),
+            experts=tuple(weights for _, weights in per_block),
+        )
 
     @contextmanager
     def calibrating_router_inputs(self, reduce: Callable[[Tensor], Tensor] | None = None) -> Iterator[AtMoEModel]:
@@ -362,8 +447,22 @@ class AtMoEModel(nn.Module):
         Sequence routing: the mean over the batch. Token routing: each row's mean over its real
         (attention mask 1) tokens, then the mean over rows. Under ``forced_routing``: the forced weights.
         """
-        self._require_routed()
         report = []
+        for group_w, weights in self._routing_rows():
+            group_mean, expert_mean = group_w.mean(0).tolist(), weights.mean(0).tolist()
+            report.append(
+                {
+                    "groups": dict(zip(self.group_names, group_mean)),
+                    "experts": dict(zip(self.expert_names, expert_mean)),
+                }
+            )
+        return report
+
+    def _routing_rows(self) -> list[tuple[Tensor, Tensor]]:
+        """Per block, each row's weights of the last forward: (group_weights [B, N_G], expert_weights
+        [B, E]), detached float32; token routing: each row's mean over its real tokens."""
+        self._require_routed()
+        rows = []
         for group_w, weights, mask in self._last:  # type: ignore[misc]
             group_w, weights = group_w.detach().float(), weights.detach().float()
             if weights.dim() == 3:  # token routing: [B, T, *] -> [B, *]
@@ -374,14 +473,8 @@ class AtMoEModel(nn.Module):
                     count = m.sum(1, keepdim=True).clamp_min(1.0)  # [B, 1]
                     group_w = torch.einsum("bt,btg->bg", m, group_w) / count  # [B, N_G]
                     weights = torch.einsum("bt,bte->be", m, weights) / count  # [B, E]
-            group_mean, expert_mean = group_w.mean(0).tolist(), weights.mean(0).tolist()
-            report.append(
-                {
-                    "groups": dict(zip(self.group_names, group_mean)),
-                    "experts": dict(zip(self.expert_names, expert_mean)),
-                }
-            )
-        return report
+            rows.append((group_w, weights))
+        return rows
 
     def _require_routed(self) -> None:
         if any(entry is None for entry in self._last):
@@ -403,6 +496,11 @@ class AtMoEModel(nn.Module):
         finally:
             self._forced = previous
             self._invalidate()
+
+    def check_forced(self, weights: Mapping[str, float]) -> None:
+        """Raise ``RoutingError`` unless ``weights`` can be forced on this model (as ``forced_routing``
+        checks them: known expert names, finite numbers >= 0)."""
+        self._forced_vector(weights)
 
     def _forced_vector(self, weights: Mapping[str, float]) -> Tensor:
         if not isinstance(weights, Mapping):

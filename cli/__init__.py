@@ -6,7 +6,7 @@ below. Modules must not import torch at import time (``atmoe-reg list`` stays fa
 
 from __future__ import annotations
 
-from atmoe.cli import compositions, db, evaluations, experts, routers, team, transfer  # noqa: E402,F401  (registers the commands)
+from atmoe.cli import compositions, db, evaluations, experts, routers, serve, team, transfer  # noqa: E402,F401  (registers the commands)
 from atmoe.cli.app import get_registry, main
 
 __all__ = ["get_registry", "main"]

@@ -293,3 +293,17 @@ def registry_snapshot(db_url: str | None = None, store: Path | None = None) -> d
 @pytest.fixture
 def snapshot() -> Callable[[], dict[str, Any]]:
     return registry_snapshot
+
+
+# -- the serve tests' catalog (tests/serve_fixtures.py), made once per session -----------------------
+
+
+@pytest.fixture(scope="session")
+def serve_catalog(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A catalog with compositions to serve (see ``tests/serve_fixtures.py``)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import serve_fixtures
+
+    return serve_fixtures.make_catalog(tmp_path_factory.mktemp("serve"))

@@ -1,6 +1,7 @@
 """The layering of DESIGN.md section 1, checked on the source: the model package ``atmoe/`` imports
-neither the catalog (``atmoe.registry``), the command line (``atmoe.cli``) nor the demo application
-(``atmoe.demo``); the catalog imports no command line."""
+neither the catalog (``atmoe.registry``), the command line (``atmoe.cli``), the server (``atmoe.serve``)
+nor the demo application (``atmoe.demo``); the catalog imports no command line and no server; the
+server imports no command line."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ def _imports(folder: str) -> dict[str, set[str]]:
 
 @pytest.mark.parametrize(
     ("folder", "forbidden"),
-    [("atmoe", ("atmoe.registry", "atmoe.cli", "atmoe.demo")), ("registry", ("atmoe.cli", "atmoe.demo"))],
+    [
+        ("atmoe", ("atmoe.registry", "atmoe.cli", "atmoe.demo", "atmoe.serve")),
+        ("registry", ("atmoe.cli", "atmoe.demo", "atmoe.serve")),
+        ("serve", ("atmoe.cli", "atmoe.demo")),
+    ],
 )
 def test_the_lower_layers_do_not_import_the_upper_ones(folder, forbidden):
     offending = {
