@@ -12,7 +12,8 @@ same work. Variants:
 - ``peft``: PEFT's ``PeftModel`` holding the composition's experts, each row run through one of them
   (``adapter_names``, the expert cycling with the request): PEFT's mixed-adapter batching, same engine.
 
-Per variant and load it reports output tokens per second, requests per second, p50 / p95 latency
+The variants are measured round-robin (``--repeats`` rounds, the median round kept), so that the
+machine's noise hits each alike. Per variant and load it reports output tokens per second, requests per second, p50 / p95 latency
 and time to first token, and the ratios the issue's goal names (at 16 clients: at least 4x the
 one-at-a-time throughput, within 1.5x of the base model's). Figures go to stdout and to
 bench/results/serve-<device>.json.
@@ -74,7 +75,10 @@ def serve(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     variant = args.serve
     max_batch = 1 if variant == "atmoe-one-at-a-time" else args.max_batch
-    config = ServeConfig(port=args.port, max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=1024)
+    config = ServeConfig(
+        port=args.port, max_batch=max_batch, max_wait_ms=args.max_wait_ms, max_queue=1024, threads=args.threads
+    )
+    torch.set_num_threads(config.cpu_threads)  # as atmoe-reg serve does
     registry = Registry.open(args.home)
     pool = ModelPool(registry, config)
     if variant.startswith("atmoe"):
@@ -191,6 +195,8 @@ def _start(variant: str, args: argparse.Namespace) -> tuple[subprocess.Popen, st
     port = _free_port()
     command = [sys.executable, __file__, "--serve", variant, "--home", str(args.home), "--ref", args.ref,
                "--port", str(port), "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]  # fmt: skip
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     process = subprocess.Popen(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -227,6 +233,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, help="torch threads per server (default: atmoe-reg serve's)")
+    parser.add_argument("--repeats", type=int, default=3, help="Rounds over the variants; the median round is kept")
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/serve-cpu.json)")
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -238,36 +246,42 @@ def main() -> None:
         args.home, args.prompts = _demo()
     clients = [int(c) for c in args.clients.split(",")]
     prompts = _prompts(args.prompts)
-    results: dict[str, list[dict]] = {}
-    for variant in args.variants.split(","):
-        process, url = _start(variant, args)
-        try:
-            experts = None
-            if variant == "peft":
-                from atmoe.registry import Registry
+    variants = args.variants.split(",")
+    experts = None
+    if "peft" in variants:
+        from atmoe.registry import Registry
 
-                with Registry.open(args.home) as registry:
-                    composition = registry.composition(args.ref.partition(":")[0])
-                    experts = [m.name for m in composition.members]
+        with Registry.open(args.home) as registry:
+            experts = [m.name for m in registry.composition(args.ref.partition(":")[0]).members]
+    servers = {variant: _start(variant, args) for variant in variants}  # idle servers sleep
+    rounds: dict[tuple[str, int], list[dict]] = {}
+    try:
+        for variant, (_, url) in servers.items():  # warm-up
             model = args.ref if variant.startswith("atmoe") else variant
-            asyncio.run(_load(url + "/v1/completions", model, prompts, 1, 4, args.max_tokens, experts))  # warm-up
-            results[variant] = []
+            warm = experts if variant == "peft" else None
+            asyncio.run(_load(url + "/v1/completions", model, prompts, 4, 8, args.max_tokens, warm))
+        for repeat in range(args.repeats):  # round-robin, so that the machine's noise hits every variant alike
             for count in clients:
-                requests = args.requests if count > 1 else max(8, args.requests // 3)
-                figures = asyncio.run(
-                    _load(url + "/v1/completions", model, prompts, count, requests, args.max_tokens, experts)
-                )
-                results[variant].append(figures)
-                print(
-                    f"{variant:>20} {count:>3} clients: {figures['tokens_per_s']:8.1f} tok/s "
-                    f"{figures['requests_per_s']:6.2f} req/s  latency p50 {figures['latency_p50_s'] * 1000:7.0f} ms "
-                    f"p95 {figures['latency_p95_s'] * 1000:7.0f} ms  ttft p50 {figures['ttft_p50_s'] * 1000:6.0f} ms "
-                    f"p95 {figures['ttft_p95_s'] * 1000:6.0f} ms",
-                    flush=True,
-                )
-        finally:
+                for variant, (_, url) in servers.items():
+                    model = args.ref if variant.startswith("atmoe") else variant
+                    requests = args.requests if count > 1 else max(8, args.requests // 3)
+                    figures = asyncio.run(_load(url + "/v1/completions", model, prompts, count, requests,
+                                                args.max_tokens, experts if variant == "peft" else None))  # fmt: skip
+                    rounds.setdefault((variant, count), []).append(figures)
+                    print(f"# round {repeat + 1}: {_line(variant, figures)}", flush=True)
+    finally:
+        for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=60)
+    results: dict[str, list[dict]] = {}
+    print("# the median round of each (by output tokens per second):")
+    for variant in variants:
+        results[variant] = []
+        for count in clients:
+            ordered = sorted(rounds[(variant, count)], key=lambda f: f["tokens_per_s"])
+            median = {**ordered[len(ordered) // 2], "tokens_per_s_rounds": [f["tokens_per_s"] for f in ordered]}
+            results[variant].append(median)
+            print(_line(variant, median))
     ratios = _ratios(results, clients)
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
@@ -281,6 +295,15 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"# wrote {out}")
+
+
+def _line(variant: str, figures: dict) -> str:
+    return (
+        f"{variant:>20} {figures['clients']:>3} clients: {figures['tokens_per_s']:8.1f} tok/s "
+        f"{figures['requests_per_s']:6.2f} req/s  latency p50 {figures['latency_p50_s'] * 1000:7.0f} ms "
+        f"p95 {figures['latency_p95_s'] * 1000:7.0f} ms  ttft p50 {figures['ttft_p50_s'] * 1000:6.0f} ms "
+        f"p95 {figures['ttft_p95_s'] * 1000:6.0f} ms"
+    )
 
 
 def _ratios(results: dict[str, list[dict]], clients: list[int]) -> dict[str, float]:

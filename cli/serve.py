@@ -36,6 +36,9 @@ def serve(refs: tuple[str, ...], api_key: str | None, **options) -> None:
     except ImportError as error:
         raise UsageError(f"serve needs the serve extra: pip install 'atmoe-registry[serve]' ({error.name})") from None
     config = pop_config(ServeConfig, options, api_key=api_key)
+    import torch
+
+    torch.set_num_threads(config.cpu_threads)
     registry = get_registry()
     pool = ModelPool(registry, config)
     for served in pool.preload(list(refs)):

@@ -116,9 +116,9 @@ class _Rows:
     finished: dict[int, Done] = field(default_factory=dict)
     failure: str | None = None
 
-    def sink(self, row: int, loop: asyncio.AbstractEventLoop) -> Callable[[Event], None]:
-        def on_event(event: Event) -> None:  # the worker's thread
-            loop.call_soon_threadsafe(self.queue.put_nowait, (row, event))
+    def sink(self, row: int) -> Callable[[Event], None]:
+        def on_event(event: Event) -> None:  # in the event loop's thread (Job.loop)
+            self.queue.put_nowait((row, event))
 
         return on_event
 
@@ -468,7 +468,8 @@ def _queue_rows(prepared: _Prepared, body: CompletionRequest | ChatRequest) -> _
                     prompt=prompt,
                     max_tokens=prepared.max_tokens,
                     sampler=RowSampler.create(temperature=body.temperature, top_p=body.top_p, seed=seed),
-                    on_event=rows.sink(row, loop),
+                    on_event=rows.sink(row),
+                    loop=loop,
                     stop=body.stop_strings,
                     force=prepared.force,
                     ignore_eos=body.ignore_eos,
@@ -585,18 +586,28 @@ async def _stream(
         if kind != "text_completion":
             yield chunk([choice(row, "", None, first=True) for row in range(rows.count)])
         while not rows.over:
-            row, event = await rows.queue.get()
-            was_finished = row in rows.finished
-            rows.record(row, event)
-            if rows.failure is not None:
-                yield _sse(ApiError(500, rows.failure, type="server_error", code="generation_failed").body())
-                return
-            if was_finished:
-                continue
-            if isinstance(event, Text):
-                yield chunk([choice(row, event.text, None)])
-            elif isinstance(event, Done):
-                yield chunk([choice(row, None if kind != "text_completion" else "", event.reason)])
+            # whatever came since the last chunk goes out together: one chunk per row, its texts joined
+            pending = [await rows.queue.get()]
+            while not rows.queue.empty():
+                pending.append(rows.queue.get_nowait())
+            texts: dict[int, list[str]] = {}
+            reasons: dict[int, str] = {}
+            for row, event in pending:
+                was_finished = row in rows.finished
+                rows.record(row, event)
+                if rows.failure is not None:
+                    yield _sse(ApiError(500, rows.failure, type="server_error", code="generation_failed").body())
+                    return
+                if was_finished:
+                    continue
+                if isinstance(event, Text):
+                    texts.setdefault(row, []).append(event.text)
+                elif isinstance(event, Done):
+                    texts.setdefault(row, [])
+                    reasons[row] = event.reason
+            for row, parts in texts.items():
+                text = "".join(parts)
+                yield chunk([choice(row, text if text or kind == "text_completion" else None, reasons.get(row))])
         usage = _usage(rows, prepared) if include_usage else None
         yield chunk([], usage=usage, atmoe=_routing_answer(rows, prepared, blocks))
         yield "data: [DONE]\n\n"

@@ -34,6 +34,12 @@ class ServeConfig:
         "--drain-seconds", "On Ctrl-C, how long running requests may take to finish.", default=30.0
     )
     device: str = option("--device", "Where the models run: cpu, cuda, cuda:1...", default="cpu")
+    threads: int | None = option(
+        "--threads",
+        "torch's intra-op CPU threads (default: half the cores, at least 1; the batch is the parallelism, and "
+        "threads that outnumber idle cores stall each other at every small operation).",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         checks = (
@@ -45,9 +51,17 @@ class ServeConfig:
             ("--max-tokens", self.max_tokens >= 1),
             ("--max-body-bytes", self.max_body_bytes >= 1024),
             ("--drain-seconds", self.drain_seconds >= 0),
+            ("--threads", self.threads is None or self.threads >= 1),
         )
         for flag, ok in checks:
             if not ok:
                 raise UsageError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))} is out of range")
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("--api-key is empty")
+
+    @property
+    def cpu_threads(self) -> int:
+        """The intra-op thread count to use: ``threads``, else half the cores (at least 1)."""
+        import os
+
+        return self.threads if self.threads is not None else max(1, (os.cpu_count() or 2) // 2)

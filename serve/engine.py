@@ -8,12 +8,16 @@ batch's, and then runs one decode step for every row per iteration. A row leaves
 as it is finished (end of sequence, a stop string, ``max_tokens``, the context) or cancelled (its
 client went away), and its slot is free for the next waiting row at the next iteration.
 
-The worker calls ``Job.on_event`` from its own thread with, in order: ``Routed(routing)`` after the
-prefill, ``Text(delta)`` as text becomes final, and ``Done(reason, tokens)`` or ``Failed(message)``.
+Each row's events, in order: ``Routed(routing)`` after the prefill, ``Text(delta)`` as text becomes
+final, and ``Done(reason, tokens)`` or ``Failed(message)``. They go to ``Job.on_event``: from the
+worker's thread, or, for a job with a ``loop`` (a server's asyncio loop), in that loop's thread,
+all the events of one iteration handed over in one call (one wake-up of the loop per step, not per
+token and row).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -75,6 +79,7 @@ class Job:
     on_event: Callable[[Event], None]
     stop: tuple[str, ...] = ()
     force: Mapping[str, float] | None = None
+    loop: asyncio.AbstractEventLoop | None = None  # deliver the events in this loop's thread
     ignore_eos: bool = False  # generate max_tokens whatever the model says (benchmarks: equal work)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -134,6 +139,7 @@ class Worker:
         self._condition = threading.Condition()
         self._closed = False
         self._rows: list[_Row] = []
+        self._outbox: list[tuple[Job, Event]] = []  # this iteration's events, delivered at its end
         self._cache: Any = None
         self._mask: Tensor | None = None
         self._state: Any = None
@@ -197,6 +203,25 @@ class Worker:
                 except Exception as error:  # noqa: BLE001 - the server keeps serving; these rows fail
                     log.exception("%s: batch failed", self.name)
                     self._fail_all(jobs or [], f"generation failed: {type(error).__name__}: {error}")
+                self._deliver()
+
+    def _emit(self, job: Job, event: Event) -> None:
+        self._outbox.append((job, event))
+
+    def _deliver(self) -> None:
+        """Hand this iteration's events over: one call per event loop, direct calls otherwise."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+        for job, event in outbox:
+            if job.loop is None:
+                _call(job, event)
+            else:
+                by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_call_all, events)
+            except RuntimeError:  # the loop is closed (the server stopped): nobody is listening
+                pass
 
     def _take(self) -> list[Job] | None:
         """The waiting rows to admit now (at most the free slots); None once closed and drained."""
@@ -240,7 +265,7 @@ class Worker:
         kv.check_cache(cache)
         rows = [_Row(job, TextStream(backend.tokenizer, job.stop), position=len(job.prompt)) for job in jobs]
         for index, row in enumerate(rows):
-            row.job.on_event(Routed(backend.routing_of(state, index)))
+            self._emit(row.job, Routed(backend.routing_of(state, index)))
         mask = mask.to(device)
         if self._rows:
             assert self._mask is not None
@@ -283,7 +308,7 @@ class Worker:
             return
         delta = row.stream.push(token)
         if delta:
-            job.on_event(Text(delta))
+            self._emit(job, Text(delta))
         if row.stream.stopped:
             self._finish(row, "stop")
         elif row.generated >= job.max_tokens or row.position + 1 >= self.backend.context_length:
@@ -294,8 +319,8 @@ class Worker:
     def _finish(self, row: _Row, reason: str) -> None:
         rest = row.stream.finish()
         if rest:
-            row.job.on_event(Text(rest))
-        row.job.on_event(Done(reason, row.generated))
+            self._emit(row.job, Text(rest))
+        self._emit(row.job, Done(reason, row.generated))
         row.done = True
 
     def _drop_finished(self) -> None:
@@ -321,11 +346,20 @@ class Worker:
         in_batch = {id(row.job) for row in self._rows}
         failed.update({id(job): job for job in admitting if id(job) not in in_batch})
         for job in failed.values():
-            try:
-                job.on_event(Failed(message))
-            except Exception:  # noqa: BLE001 - a dead client must not stop the others' failure notices
-                log.exception("%s: could not report a failure", self.name)
+            self._emit(job, Failed(message))
         self._rows, self._cache, self._mask, self._state = [], None, None, None
+
+
+def _call(job: Job, event: Event) -> None:
+    try:
+        job.on_event(event)
+    except Exception:  # noqa: BLE001 - one listener's failure must not stop the others' events
+        log.exception("an event handler failed")
+
+
+def _call_all(events: list[tuple[Job, Event]]) -> None:
+    for job, event in events:
+        _call(job, event)
 
 
 def _pad_id(tokenizer: Any) -> int:
