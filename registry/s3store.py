@@ -359,7 +359,7 @@ class S3Store:
                 f"blob sha256:{digest} is altered in the store {self.root} (its bytes hash to sha256:{actual}); "
                 "restore it from a copy (a re-add or import of the same content heals it)"
             ) from None
-        except OSError as error:
+        except Exception as error:  # a connection lost mid-read: botocore's or urllib3's errors
             if type(error).__module__.startswith(("botocore", "urllib3")):
                 raise self._unavailable(error) from None
             raise
