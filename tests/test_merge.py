@@ -39,9 +39,40 @@ def _deltas(base_dir: Path, folder: Path, name: str) -> dict[str, torch.Tensor]:
     }
 
 
-def test_svd_merge_is_the_best_rank_k_approximation_of_the_weighted_sum(composed, tmp_path) -> None:
+def _peft_svd_error(base_dir: Path, paths: dict, weights: dict[str, float], rank: int) -> float:
+    """PEFT's own svd merge, run here: its largest relative distance from the best rank-K approximation."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    names = list(weights)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir), str(paths[names[0]]), adapter_name=names[0]
+    )
+    for name in names[1:]:
+        model.load_adapter(str(paths[name]), adapter_name=name)
+    model.add_weighted_adapter(names, [weights[n] for n in names], "m", combination_type="svd", svd_rank=rank)
+    worst = 0.0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and "m" in module.lora_A:
+            exact = sum(w * module.get_delta_weight(n).double() for n, w in weights.items() if n in module.lora_A)
+            u, s, vh = torch.linalg.svd(exact, full_matrices=False)
+            best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+            worst = max(worst, float((module.get_delta_weight("m").double() - best).norm() / exact.norm()))
+    return worst
+
+
+def test_svd_merge_is_the_best_rank_k_approximation_of_the_weighted_sum_or_refused(composed, tmp_path) -> None:
+    """Where PEFT's svd merge is exact (peft 0.21) the export is it; where it is not (peft 0.17 is off
+    by ~1 on these adapters), the export is refused in one line and writes nothing."""
     out = tmp_path / "svd"
-    run("export-lora", "medqa:1", str(out), "--force", "fa=1", "--force", "da=3", "--merge", "svd", "--rank", "4")
+    args = ("export-lora", "medqa:1", str(out), "--force", "fa=1", "--force", "da=3", "--merge", "svd", "--rank", "4")
+    if _peft_svd_error(composed["base"], composed["paths"], {"fa": 1.0, "da": 3.0}, 4) > 1e-4:
+        result = invoke(*args)
+        assert result.exit_code == 1 and "svd merge is off its definition" in result.stderr
+        assert not out.exists()
+        return
+    run(*args)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 4 and not config.get("use_rslora")
     merged = _deltas(composed["base"], out, "m")
