@@ -166,7 +166,7 @@ def get_reader(ctx: click.Context | None = None) -> Reader:
     envvar="ATMOE_STORE",
     show_envvar=True,
     metavar="DIR",
-    help="Blob store directory (default HOME/store); a shared directory for a team.",
+    help="Blob store: a directory (default HOME/store), file:///DIR, or s3://BUCKET[/PREFIX] for a team (AWS settings).",
 )
 @click.option(
     "--allow-downloads",
