@@ -165,7 +165,7 @@ def get_reader(ctx: click.Context | None = None) -> Reader:
     "--store",
     envvar="ATMOE_STORE",
     show_envvar=True,
-    metavar="DIR",
+    metavar="DIR|URL",
     help="Blob store: a directory (default HOME/store), file:///DIR, or s3://BUCKET[/PREFIX] for a team (AWS settings).",
 )
 @click.option(
