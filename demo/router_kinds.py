@@ -107,9 +107,12 @@ def markdown(router_kinds: dict) -> str:
     if second is not None:
         gap = router_kinds[second]["eval_loss"]["mean"] - router_kinds[best]["eval_loss"]["mean"]
         spread = max(router_kinds[k]["eval_loss"]["spread"] for k in (best, second))
-        verdict = "beyond" if gap > spread else "within"
         lines.append("")
-        lines.append(
-            f"Lowest eval loss: {best}, {gap:.4f} below {second} ({verdict} the larger run spread, {spread:.4f})."
-        )
+        if min(router_kinds[k]["runs"] for k in (best, second)) < 2:
+            lines.append(f"Lowest eval loss: {best}, {gap:.4f} below {second} (one run of one of them: no spread measured).")
+        else:
+            verdict = "beyond" if gap > spread else "within"
+            lines.append(
+                f"Lowest eval loss: {best}, {gap:.4f} below {second} ({verdict} the larger run spread, {spread:.4f})."
+            )
     return "\n".join(lines)
