@@ -109,7 +109,9 @@ def markdown(router_kinds: dict) -> str:
         spread = max(router_kinds[k]["eval_loss"]["spread"] for k in (best, second))
         lines.append("")
         if min(router_kinds[k]["runs"] for k in (best, second)) < 2:
-            lines.append(f"Lowest eval loss: {best}, {gap:.4f} below {second} (one run of one of them: no spread measured).")
+            lines.append(
+                f"Lowest eval loss: {best}, {gap:.4f} below {second} (one run of one of them: no spread measured)."
+            )
         else:
             verdict = "beyond" if gap > spread else "within"
             lines.append(
