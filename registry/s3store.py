@@ -38,9 +38,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
-from atmoe.errors import ChecksumMismatch, InvalidAdapter, StoreUnavailable
+from atmoe.errors import ChecksumMismatch, StoreUnavailable
 from atmoe.registry.config import S3Location
 from atmoe.registry.store import (
     _DIGEST,
@@ -49,12 +49,15 @@ from atmoe.registry.store import (
     CHUNK_SIZE,
     BlobInfo,
     BlobStore,
+    DigestMismatch,
     Inspect,
-    NotRegularFile,
     StoredBlob,
+    StoreWrites,
     check_digest,
     open_regular,
 )
+
+T = TypeVar("T")
 
 PART_SIZE = 8 << 20  # multipart threshold and part size (S3's minimum part is 5 MiB)
 CONNECT_TIMEOUT = 10.0
@@ -133,7 +136,7 @@ def _terminal_progress(description: str, total: int) -> AbstractContextManager[C
     return bar()
 
 
-class S3Store:
+class S3Store(StoreWrites):
     """The blob store of a catalog in ``s3://BUCKET/PREFIX``; see the module's docstring."""
 
     def __init__(
@@ -329,22 +332,17 @@ class S3Store:
                 f"{self.root}: sha256:{digest} is not in place after its upload; nothing was committed"
             )
 
-    def put_file(self, path: str | os.PathLike[str], *, inspect: Inspect | None = None) -> StoredBlob:
-        try:
-            handle = open_regular(path)
-        except NotRegularFile as error:
-            raise InvalidAdapter(f"{path}: {error.strerror}; refused") from None
-        with handle:
-            return self.put_stream(handle, inspect=inspect)
-
-    def put_bytes(self, data: bytes) -> StoredBlob:
-        import io
-
-        return self.put_stream(io.BytesIO(data))
-
     # -- reading ---------------------------------------------------------------------------------
     def _missing(self, digest: str) -> ChecksumMismatch:
         return ChecksumMismatch(f"blob sha256:{digest} is missing from the store {self.root}")
+
+    def _altered(self, digest: str, actual: str) -> DigestMismatch:
+        return DigestMismatch(
+            f"blob sha256:{digest} is altered in the store {self.root} (its bytes hash to sha256:{actual}); "
+            "restore it from a copy (a re-add or import of the same content heals it)",
+            expected=digest,
+            actual=actual,
+        )
 
     def _fetch(self, digest: str) -> None:
         """Bring the blob into the cache, only if its bytes hash to ``digest``."""
@@ -353,12 +351,8 @@ class S3Store:
             raise self._missing(digest)
         try:
             self.cache.put_stream(_Reader(response["Body"]), expected=digest)
-        except ChecksumMismatch as error:
-            actual = str(error).split("sha256:")[-1].split(")")[0]
-            raise ChecksumMismatch(
-                f"blob sha256:{digest} is altered in the store {self.root} (its bytes hash to sha256:{actual}); "
-                "restore it from a copy (a re-add or import of the same content heals it)"
-            ) from None
+        except DigestMismatch as error:
+            raise self._altered(digest, error.actual) from None
         except Exception as error:  # a connection lost mid-read: botocore's or urllib3's errors
             if type(error).__module__.startswith(("botocore", "urllib3")):
                 raise self._unavailable(error) from None
@@ -369,23 +363,22 @@ class S3Store:
             self._fetch(digest)
         return self.cache.path_for(digest)
 
-    def path_verified(self, digest: str) -> Path:
+    def _through_cache(self, read: Callable[[str], T], digest: str) -> T:
+        """``read`` (a verifying read of the cache) of the blob, fetched first when it is not cached; a
+        damaged cached copy is dropped and fetched again: the bucket's bytes decide."""
         if self.cache.has(digest):
             try:
-                return self.cache.path_verified(digest)
-            except ChecksumMismatch:
-                self.cache.remove(digest)  # a damaged cached copy: the bucket's bytes decide
-        self._fetch(digest)
-        return self.cache.path_verified(digest)
-
-    def open_verified(self, digest: str) -> bytes:
-        if self.cache.has(digest):
-            try:
-                return self.cache.open_verified(digest)
+                return read(digest)
             except ChecksumMismatch:
                 self.cache.remove(digest)
         self._fetch(digest)
-        return self.cache.open_verified(digest)
+        return read(digest)
+
+    def path_verified(self, digest: str) -> Path:
+        return self._through_cache(self.cache.path_verified, digest)
+
+    def open_verified(self, digest: str) -> bytes:
+        return self._through_cache(self.cache.open_verified, digest)
 
     def open_stream(self, digest: str) -> BinaryIO:
         return open_regular(self.path_verified(digest))
@@ -403,12 +396,7 @@ class S3Store:
         except Exception as error:  # noqa: BLE001 - a connection lost mid-read
             raise self._unavailable(error) from None
         actual = hasher.hexdigest()
-        if actual != digest:
-            return (
-                f"blob sha256:{digest} is altered in the store {self.root} (its bytes hash to sha256:{actual}); "
-                "restore it from a copy or remove what references it"
-            )
-        return None
+        return str(self._altered(digest, actual)) if actual != digest else None
 
     # -- listing and removal (gc) ------------------------------------------------------------------
     def iter_blobs(self) -> Iterator[tuple[str, BlobInfo]]:

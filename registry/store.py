@@ -56,6 +56,14 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+class DigestMismatch(ChecksumMismatch):
+    """Bytes that hash to ``actual``, not to the ``expected`` digest they were read or stored as."""
+
+    def __init__(self, message: str, *, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.expected, self.actual = expected, actual
+
+
 class NotRegularFile(OSError):
     """A path that should be a blob is a FIFO, device, socket, directory or symbolic link."""
 
@@ -148,7 +156,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class BlobStore:
+class StoreWrites:
+    """``put_file`` and ``put_bytes`` of every store, over its own ``put_stream``."""
+
+    def put_stream(
+        self, source: BinaryIO, *, inspect: Inspect | None = None, expected: str | None = None
+    ) -> StoredBlob:  # pragma: no cover - each store defines it
+        raise NotImplementedError
+
+    def put_file(self, path: str | os.PathLike[str], *, inspect: Inspect | None = None) -> StoredBlob:
+        """Store a regular file (a symbolic link or special file is refused, never followed or read)."""
+        try:
+            handle = open_regular(path)
+        except NotRegularFile as error:
+            raise InvalidAdapter(f"{path}: {error.strerror}; refused") from None
+        with handle:
+            return self.put_stream(handle, inspect=inspect)
+
+    def put_bytes(self, data: bytes) -> StoredBlob:
+        import io
+
+        return self.put_stream(io.BytesIO(data))
+
+
+class BlobStore(StoreWrites):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.blobs_dir = self.root / ALGORITHM
@@ -305,20 +336,6 @@ class BlobStore:
         except OSError:
             return False
 
-    def put_file(self, path: str | os.PathLike[str], *, inspect: Inspect | None = None) -> StoredBlob:
-        """Store a regular file (a symbolic link or special file is refused, never followed or read)."""
-        try:
-            handle = open_regular(path)
-        except NotRegularFile as error:
-            raise InvalidAdapter(f"{path}: {error.strerror}; refused") from None
-        with handle:
-            return self.put_stream(handle, inspect=inspect)
-
-    def put_bytes(self, data: bytes) -> StoredBlob:
-        import io
-
-        return self.put_stream(io.BytesIO(data))
-
     def open_stream(self, digest: str) -> BinaryIO:
         """The blob for reading (the caller hashes what it reads: the archive export does)."""
         try:
@@ -332,10 +349,12 @@ class BlobStore:
     def _missing(self, digest: str) -> ChecksumMismatch:
         return ChecksumMismatch(f"blob sha256:{digest} is missing from the store {self.root}")
 
-    def _altered(self, digest: str, actual: str) -> ChecksumMismatch:
-        return ChecksumMismatch(
+    def _altered(self, digest: str, actual: str) -> DigestMismatch:
+        return DigestMismatch(
             f"blob sha256:{digest} is altered on disk (its bytes hash to sha256:{actual}); "
-            "restore it from a copy or remove what references it"
+            "restore it from a copy or remove what references it",
+            expected=digest,
+            actual=actual,
         )
 
     def check(self, digest: str) -> str | None:
