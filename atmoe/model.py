@@ -120,7 +120,10 @@ class AtMoEModel(nn.Module):
         expert_slot = torch.tensor([groups[self.expert_groups[e]].index(e) for e in self.expert_names])
         slot_mask = torch.zeros(self.n_groups, self.n_max, dtype=torch.bool)
         slot_mask[expert_group, expert_slot] = True
+        # each expert's (group, slot) and the real slots: the composition's layout, which every router reads
         self.register_buffer("expert_group_index", expert_group, persistent=False)
+        self.register_buffer("expert_slot_index", expert_slot, persistent=False)
+        self.register_buffer("slot_mask", slot_mask, persistent=False)
         device = next(base_model.parameters()).device
 
         def make_router() -> nn.Module:
@@ -554,23 +557,14 @@ class AtMoEModel(nn.Module):
                 f"({self.num_blocks} blocks, {len(self.expert_names)} experts, hidden size {self.hidden_size})"
             )
         device = next(self.base_model.parameters()).device
+        layout = (self.slot_mask.cpu(), self.expert_group_index.cpu(), self.expert_slot_index.cpu())
         flat = self.atmoe_config.router == "flat"
-        slot_mask = torch.zeros(self.n_groups, self.n_max, dtype=torch.bool)
-        groups = [self.group_names.index(self.expert_groups[e]) for e in self.expert_names]
-        slots, seen = [], {}
-        for g in groups:
-            slots.append(seen.get(g, 0))
-            seen[g] = slots[-1] + 1
-        slot_mask[torch.tensor(groups), torch.tensor(slots)] = True
         self.routers = nn.ModuleList(
             [
-                ArrowRouter(
-                    prototypes[block], slot_mask, torch.tensor(groups), torch.tensor(slots),
-                    top_k=top_k, temperature=temperature, flat=flat,
-                )
+                ArrowRouter(prototypes[block], *layout, top_k=top_k, temperature=temperature, flat=flat)
                 for block in range(self.num_blocks)
             ]
-        ).to(device)  # fmt: skip
+        ).to(device)
         self._invalidate()
 
     def load_router_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:

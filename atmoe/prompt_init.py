@@ -71,12 +71,7 @@ def init_from_prompts(model, batches) -> dict[str, int]:
     means, counts = prompt_means(model, batches)
     shared = model.atmoe_config.shared_router
     scale = SCALE / math.sqrt(model.hidden_size)
-    groups = [model.group_names.index(model.expert_groups[e]) for e in model.expert_names]
-    slots: list[int] = []
-    seen: dict[int, int] = {}
-    for g in groups:
-        slots.append(seen.get(g, 0))
-        seen[g] = slots[-1] + 1
+    groups, slots = model.expert_group_index.tolist(), model.expert_slot_index.tolist()
     for index, router in enumerate(model.routers):
         block_means = torch.stack(means).mean(0) if shared else means[index]  # [E, D]
         for parameter in router.parameters():

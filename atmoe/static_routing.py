@@ -34,13 +34,12 @@ def grouped_parts(model, weights: Mapping[str, float]) -> tuple[list[float], lis
     values = {name: v / total for name, v in values.items()}
     totals = [0.0] * model.n_groups
     inside = [[0.0] * model.n_max for _ in range(model.n_groups)]
-    members: list[list[str]] = [[] for _ in range(model.n_groups)]
-    for name in model.expert_names:
-        members[model.group_names.index(model.expert_groups[name])].append(name)
-    for g, names in enumerate(members):
-        totals[g] = sum(values[n] for n in names)
-        for slot, name in enumerate(names):
-            inside[g][slot] = values[name] / totals[g] if totals[g] > 0 else 1.0 / len(names)
+    positions = _positions(model)
+    for name, (g, _) in zip(model.expert_names, positions):
+        totals[g] += values[name]
+    sizes = [sum(1 for g, _ in positions if g == group) for group in range(model.n_groups)]
+    for name, (g, slot) in zip(model.expert_names, positions):
+        inside[g][slot] = values[name] / totals[g] if totals[g] > 0 else 1.0 / sizes[g]
     return totals, inside
 
 
@@ -71,11 +70,5 @@ def set_static_weights(model, weights: Mapping[str, float]) -> None:
 
 
 def _positions(model) -> list[tuple[int, int]]:
-    """(group index, slot) of each expert, in ``model.expert_names`` order."""
-    seen: dict[int, int] = {}
-    out = []
-    for name in model.expert_names:
-        g = model.group_names.index(model.expert_groups[name])
-        out.append((g, seen.get(g, 0)))
-        seen[g] = seen.get(g, 0) + 1
-    return out
+    """(group index, slot) of each expert, in ``model.expert_names`` order (the model's layout)."""
+    return list(zip(model.expert_group_index.tolist(), model.expert_slot_index.tolist()))
