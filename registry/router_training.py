@@ -87,19 +87,13 @@ def record_uniform(
     routers' zero start, DESIGN.md section 7), no data needed. With ``eval_data`` its eval loss and
     routing accuracy are recorded, comparable to a trained router's."""
     from atmoe.data import data_digest
-    from atmoe.training import evaluate
 
     parsed = parse_ref(ref)
     if parsed.router is not None:
         raise UsageError(f"{ref!r} names a router; a uniform router starts from nothing: name the composition")
     _, evaluation = _checked_data(registry, parsed, alias, None, eval_data)
     built = registry.build(ref, router=False, base_model=base_model)
-    metrics: dict = {}
-    if evaluation:
-        scores = evaluate(built.model, built.tokenizer, evaluation, batch_size=batch_size, max_length=max_length)
-        metrics["eval_loss"] = scores["loss"]
-        if "routing_accuracy" in scores:
-            metrics["routing_accuracy"] = scores["routing_accuracy"]
+    metrics = _eval_metrics(built, evaluation, batch_size, max_length)
     eval_digest = data_digest(eval_data) if eval_data else None
     return _record(registry, built, {"kind": "uniform"}, metrics, None, eval_digest, alias, notes, created_by)
 
@@ -124,7 +118,6 @@ def record_lorahub(
     search on the 5 to 50 examples of ``data`` (``atmoe/lorahub.py``)."""
     from atmoe.data import data_digest
     from atmoe.lorahub import MAX_EXAMPLES, MIN_EXAMPLES, search_weights
-    from atmoe.training import evaluate
 
     parsed = parse_ref(ref)
     if parsed.router is not None:
@@ -149,11 +142,7 @@ def record_lorahub(
         "evaluations": found.evaluations,
         "history": found.history,
     }
-    if evaluation:
-        scores = evaluate(built.model, built.tokenizer, evaluation, batch_size=batch_size, max_length=max_length)
-        metrics["eval_loss"] = scores["loss"]
-        if "routing_accuracy" in scores:
-            metrics["routing_accuracy"] = scores["routing_accuracy"]
+    metrics.update(_eval_metrics(built, evaluation, batch_size, max_length))
     hyperparameters = {"kind": "lorahub", "budget": budget, "l1": l1, "seed": seed, "weights": found.weights}
     eval_digest = data_digest(eval_data) if eval_data else None
     return _record(registry, built, hyperparameters, metrics, data_digest(data), eval_digest, alias, notes, created_by)
@@ -183,7 +172,6 @@ def record_arrow(
     from atmoe.arrow import ALGORITHM, expert_prototypes
     from atmoe.data import data_digest
     from atmoe.registry import prototype_cache
-    from atmoe.training import evaluate
 
     parsed = parse_ref(ref)
     if parsed.router is not None:
@@ -221,15 +209,25 @@ def record_arrow(
         columns.append(found)
     model.use_arrow_routers(torch.stack(columns, 1), top_k=top_k, temperature=float(temperature))
     metrics: dict = {"prototypes_cached": cached, "prototypes_computed": len(columns) - cached}
-    if evaluation:
-        scores = evaluate(model, built.tokenizer, evaluation, batch_size=batch_size, max_length=max_length)
-        metrics["eval_loss"] = scores["loss"]
-        if "routing_accuracy" in scores:
-            metrics["routing_accuracy"] = scores["routing_accuracy"]
+    metrics.update(_eval_metrics(built, evaluation, batch_size, max_length))
     hyperparameters = {"kind": "arrow+gks" if gks else "arrow", "top_k": top_k, "temperature": float(temperature),
                        "gks": gks, "algorithm": ALGORITHM}  # fmt: skip
     eval_digest = data_digest(eval_data) if eval_data else None
     return _record(registry, built, hyperparameters, metrics, None, eval_digest, alias, notes, created_by)
+
+
+def _eval_metrics(built: Built, evaluation, batch_size: int, max_length: int) -> dict:
+    """{"eval_loss", "routing_accuracy" (when intents exist)} of the built router on ``evaluation``, as a
+    trained router records them; {} without evaluation data."""
+    from atmoe.training import evaluate
+
+    if not evaluation:
+        return {}
+    scores = evaluate(built.model, built.tokenizer, evaluation, batch_size=batch_size, max_length=max_length)
+    metrics = {"eval_loss": scores["loss"]}
+    if "routing_accuracy" in scores:
+        metrics["routing_accuracy"] = scores["routing_accuracy"]
+    return metrics
 
 
 def _checked_data(registry, parsed, alias, data, eval_data):
