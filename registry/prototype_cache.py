@@ -41,31 +41,21 @@ def _root(registry: Registry) -> Path:
 def load(registry: Registry, key: str, shape: tuple[int, int]) -> torch.Tensor | None:
     """The cached prototypes [blocks, D] under ``key``, or None (absent, or not what was stored)."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
+    from safetensors import SafetensorError, safe_open
 
     path = _root(registry) / f"{key}.safetensors"
     try:
-        data = path.read_bytes()
-        tensors = load_safetensors(data)
-        metadata = _metadata(data)
+        with safe_open(str(path), framework="pt") as entry:
+            metadata = entry.metadata() or {}
+            value = entry.get_tensor("prototypes") if "prototypes" in entry.keys() else None
     except (FileNotFoundError, SafetensorError, ValueError, OSError):
         return None
-    value = tensors.get("prototypes")
     if metadata.get("key") != key or value is None or tuple(value.shape) != shape or not torch.isfinite(value).all():
         return None
     norms = value.double().norm(dim=1)
     if not bool(((norms - 1).abs() < 1e-4).logical_or(norms == 0).all()):
         return None
     return value.float()
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    import json
-
-    length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + length])
-    return dict(header.get("__metadata__", {}))
 
 
 def save(registry: Registry, key: str, prototypes: torch.Tensor) -> None:
