@@ -83,3 +83,10 @@ def assert_one_line(result: Result, code: int, fragment: str = "", *, prefix: st
     assert lines[0].startswith(prefix) and fragment in lines[0], lines[0]
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def assert_one_line_error(result: Result, code: int, fragment: str) -> str:
+    """``assert_one_line``, and nothing on stdout: a refused command prints no partial result."""
+    line = assert_one_line(result, code, fragment)
+    assert result.stdout == "", result.stdout
+    return line

@@ -12,36 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_lora import assert_one_line_error, invoke, ok  # noqa: E402
 from tiny_catalog import save_base, save_experts  # noqa: E402
 
-from atmoe.cli import main  # noqa: E402
 from atmoe.errors import UsageError  # noqa: E402
 from atmoe.registry import Registry, events  # noqa: E402
 from atmoe.registry.experts import current_user  # noqa: E402
 
 PG_ENABLED = os.environ.get("ATMOE_TEST_PG") == "1"
-
-
-def invoke(*args: str | os.PathLike[str]) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: str | os.PathLike[str]) -> Result:
-    result = invoke(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def assert_one_line_error(result: Result, code: int, match: str) -> None:
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], result.stderr
-    assert result.stdout == ""
 
 
 def log(*args: str) -> list[dict[str, Any]]:

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
 from hypothesis import given
 from hypothesis import strategies as st
 
-from atmoe.cli import main
 from atmoe.errors import InvalidAdapter, ModelLoadError, SourceUnavailable, UsageError
 from atmoe.hub import ADAPTER_FILES, HubRef, parse_hub_ref
 from atmoe.registry import Registry
@@ -39,28 +37,11 @@ from hub_cache import (  # noqa: E402
     repo_dir,
     serve,
 )
+from synthetic_lora import assert_one_line_error, invoke, ok  # noqa: E402
 
 CONFIG, WEIGHTS = ADAPTER_FILES
 REPO = "acme/med-experts"
 MAIN, OLD = commit_of("main"), commit_of("v1")
-
-
-def invoke(*args: str | os.PathLike[str]) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def ok(*args: str | os.PathLike[str]) -> Result:
-    result = invoke(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def one_line_error(result: Result, code: int, match: str) -> str:
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], result.stderr
-    assert result.stdout == ""
-    return lines[0]
 
 
 def adapter_files(folder: Path, prefix: str = "") -> dict[str, bytes]:
@@ -186,7 +167,7 @@ def test_malformed_sources_are_one_usage_line(text: str, fragment: str, snapshot
     assert fragment in str(info.value) and "\n" not in str(info.value)
     ok("init")
     before = snapshot()
-    one_line_error(invoke("add-expert", text, "--name", "x", "--group", "domain"), 2, fragment)
+    assert_one_line_error(invoke("add-expert", text, "--name", "x", "--group", "domain"), 2, fragment)
     assert snapshot() == before
 
 
@@ -309,7 +290,7 @@ def test_what_the_cache_lacks_is_named_and_nothing_is_stored(
 ) -> None:
     ok("init")
     before = snapshot()
-    line = one_line_error(invoke("add-expert", source, "--name", "x", "--group", "domain"), code, fragment)
+    line = assert_one_line_error(invoke("add-expert", source, "--name", "x", "--group", "domain"), code, fragment)
     assert "downloads are off: pass --allow-downloads" in line
     assert snapshot() == before
 
@@ -318,14 +299,14 @@ def test_offline_wins_over_allow_downloads(med_repo: Path, snapshot: Callable[[]
     ok("init")
     before = snapshot()
     result = invoke("--allow-downloads", "add-expert", "hf://acme/missing", "--name", "x", "--group", "domain")
-    one_line_error(result, 1, "HF_HUB_OFFLINE is set")
+    assert_one_line_error(result, 1, "HF_HUB_OFFLINE is set")
     assert snapshot() == before
 
 
 def test_a_folder_the_hub_said_has_no_adapter(med_repo: Path, hub_cache: Path) -> None:
     mark_missing(hub_cache, REPO, MAIN, "absent/adapter_config.json")  # what huggingface_hub writes after a 404
     result = invoke("add-expert", f"hf://{REPO}/absent", "--name", "x", "--group", "domain")
-    one_line_error(result, 1, f"no PEFT LoRA adapter in 'absent' at commit {MAIN}")
+    assert_one_line_error(result, 1, f"no PEFT LoRA adapter in 'absent' at commit {MAIN}")
 
 
 def test_a_damaged_adapter_in_the_cache_is_refused_naming_the_source(
@@ -338,7 +319,7 @@ def test_a_damaged_adapter_in_the_cache_is_refused_naming_the_source(
     ok("init")
     before = snapshot()
     result = invoke("add-expert", "hf://acme/broken/broken", "--name", "x", "--group", "domain")
-    one_line_error(result, 1, f"hf://acme/broken@{commit}/broken: adapter_model.safetensors: truncated")
+    assert_one_line_error(result, 1, f"hf://acme/broken@{commit}/broken: adapter_model.safetensors: truncated")
     assert snapshot() == before
 
 
