@@ -85,11 +85,16 @@ def workspace(tmp_path_factory) -> dict:
     return {"base": base_dir, "paths": paths, **data}
 
 
-@pytest.fixture
-def composed(workspace) -> dict:
+def add_group_experts(workspace: dict) -> None:
+    """add-expert every functional, domain and style expert of ``workspace`` (not the general one)."""
     for group, names in (("functional", FUNCTIONAL), ("domain", DOMAIN), ("style", STYLE)):
         for name in names:
             run("add-expert", str(workspace["paths"][name]), "--name", name, "--group", group)
+
+
+@pytest.fixture
+def composed(workspace) -> dict:
+    add_group_experts(workspace)
     run("add-expert", str(workspace["paths"]["gen"]), "--name", "gen", "--group", "general")
     return json.loads(run("compose", "--name", "medqa", "--groups", "functional,domain,style", "--json"))
 

@@ -13,14 +13,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_lora import invoke  # noqa: E402
-from test_flow import DOMAIN, FUNCTIONAL, STYLE, run, workspace  # noqa: E402,F401  (the module's fixture)
+from test_flow import add_group_experts, run, workspace  # noqa: E402,F401  (the module's fixture)
 
 
 @pytest.fixture
 def composed(workspace):  # noqa: F811
-    for group, names in (("functional", FUNCTIONAL), ("domain", DOMAIN), ("style", STYLE)):
-        for name in names:
-            run("add-expert", str(workspace["paths"][name]), "--name", name, "--group", group)
+    add_group_experts(workspace)
     run("compose", "--name", "medqa", "--groups", "functional,domain,style")
     run("train-router", "medqa", "--kind", "uniform")
     return workspace

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_lora import invoke  # noqa: E402
-from test_flow import DOMAIN, FILLER, FUNCTIONAL, STYLE, run, workspace  # noqa: E402,F401  (the module's fixture)
+from test_flow import DOMAIN, FILLER, FUNCTIONAL, STYLE, add_group_experts, run, workspace  # noqa: E402,F401  (the module's fixture)
 
 from atmoe.config import AtmoeConfig  # noqa: E402
 from atmoe.static_routing import set_static_weights  # noqa: E402
@@ -66,9 +66,7 @@ def test_static_weights_refuse_what_is_not_a_distribution() -> None:
 
 @pytest.fixture
 def composed(workspace):  # noqa: F811
-    for group, names in (("functional", FUNCTIONAL), ("domain", DOMAIN), ("style", STYLE)):
-        for name in names:
-            run("add-expert", str(workspace["paths"][name]), "--name", name, "--group", group)
+    add_group_experts(workspace)
     run("compose", "--name", "medqa", "--groups", "functional,domain,style")
     return workspace
 
