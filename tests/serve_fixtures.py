@@ -8,9 +8,8 @@ and ``remote``, whose experts record a hub id as their base model (loading it wo
 
 from __future__ import annotations
 
-import json
-import random
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from click.testing import CliRunner
 
 from atmoe.cli import main
 
-FUNCTIONAL, DOMAIN, STYLE = ("fa", "fb"), ("da", "db"), ("sa",)
-FILLER = [f"x{i}" for i in range(24)]
+sys.path.insert(0, str(Path(__file__).parent))
+from flow_workspace import DOMAIN, FILLER, FUNCTIONAL, STYLE, make_workspace, word_tokenizer  # noqa: E402,F401  (FILLER: the serve tests read it here)
+
 CHAT_WORDS = ["user", "assistant", "system", "says"]
 # each message as "ROLE says CONTENT", then "assistant says" for the answer
 CHAT_TEMPLATE = (
@@ -36,17 +35,7 @@ MAX_POSITIONS = 512
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>", *FUNCTIONAL, *DOMAIN, *STYLE, *FILLER, *CHAT_WORDS]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    made = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    made.chat_template = CHAT_TEMPLATE
-    return made
+    return word_tokenizer(CHAT_WORDS, chat_template=CHAT_TEMPLATE)
 
 
 def cli(*args: str) -> str:
@@ -79,41 +68,8 @@ class Catalog:
 
 
 def make_catalog(root: Path) -> Catalog:
-    from transformers import AutoModelForCausalLM
-
-    from atmoe import build_atmoe
-    from atmoe.testing import make_peft_adapter, make_tiny_llama
-
-    base_dir = root / "base"
-    tok = tokenizer()
-    make_tiny_llama(vocab=len(tok), seed=5, max_positions=MAX_POSITIONS).save_pretrained(base_dir)
-    tok.save_pretrained(base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    names = [*FUNCTIONAL, *DOMAIN, *STYLE, "gen"]
-    paths = {name: make_peft_adapter(base, root / name, r=4, seed=20 + i) for i, name in enumerate(names)}
-    model = build_atmoe(
-        base,
-        {
-            "functional": {n: paths[n] for n in FUNCTIONAL},
-            "domain": {n: paths[n] for n in DOMAIN},
-            "style": {n: paths[n] for n in STYLE},
-        },
-    )
-    rng = random.Random(0)
-
-    def example() -> dict:
-        intents = [rng.choice(FUNCTIONAL), rng.choice(DOMAIN), STYLE[0]]
-        prompt = " ".join([*intents, *rng.sample(FILLER, 2)])
-        ids = torch.tensor([tok(prompt)["input_ids"]])
-        with model.forced_routing({name: 1 / 3 for name in intents}), torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
-            )
-        response = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        return {"prompt": prompt, "response": response or "x0", "intents": intents}
-
-    data = root / "train.jsonl"
-    data.write_text("\n".join(json.dumps(example()) for _ in range(16)) + "\n")
+    workspace = make_workspace(root, tokenizer(), splits=(("train", 16),), max_positions=MAX_POSITIONS)
+    base_dir, paths, data = workspace["base"], workspace["paths"], workspace["train"]
     catalog = Catalog(
         home=root / "home",
         db=f"sqlite:///{root / 'home' / 'registry.db'}",

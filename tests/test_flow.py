@@ -10,29 +10,16 @@ the eval loss.
 from __future__ import annotations
 
 import json
-import random
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-from atmoe.cli import main
+sys.path.insert(0, str(Path(__file__).parent))
+from flow_workspace import DOMAIN, FILLER, FUNCTIONAL, STYLE, make_workspace, word_tokenizer  # noqa: E402,F401
 
-FUNCTIONAL, DOMAIN, STYLE = ("fa", "fb"), ("da", "db"), ("sa",)
-FILLER = [f"x{i}" for i in range(24)]
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>", *FUNCTIONAL, *DOMAIN, *STYLE, *FILLER]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+from atmoe.cli import main  # noqa: E402
 
 
 def run(*args: str, code: int = 0) -> str:
@@ -44,45 +31,7 @@ def run(*args: str, code: int = 0) -> str:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict:
     """A saved base model + tokenizer, five PEFT experts, and train/eval data with known intents."""
-    from transformers import AutoModelForCausalLM
-
-    from atmoe import build_atmoe
-    from atmoe.testing import make_peft_adapter, make_tiny_llama
-
-    root = tmp_path_factory.mktemp("flow")
-    base_dir = root / "base"
-    tokenizer = _tokenizer()
-    make_tiny_llama(vocab=len(tokenizer), seed=5).save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()  # adapters record base_dir
-    names = [*FUNCTIONAL, *DOMAIN, *STYLE, "gen"]
-    paths = {name: make_peft_adapter(base, root / name, r=4, seed=20 + i) for i, name in enumerate(names)}
-    model = build_atmoe(
-        base,
-        {
-            "functional": {n: paths[n] for n in FUNCTIONAL},
-            "domain": {n: paths[n] for n in DOMAIN},
-            "style": {n: paths[n] for n in STYLE},
-        },
-    )
-    rng = random.Random(0)
-
-    def example() -> dict:
-        intents = [rng.choice(FUNCTIONAL), rng.choice(DOMAIN), STYLE[0]]
-        prompt = " ".join([*intents, *rng.sample(FILLER, 2)])
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        with model.forced_routing({name: 1 / 3 for name in intents}), torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0
-            )
-        response = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        return {"prompt": prompt, "response": response or "x0", "intents": intents}
-
-    data = {}
-    for split, count in (("train", 96), ("eval", 32)):
-        data[split] = root / f"{split}.jsonl"
-        data[split].write_text("\n".join(json.dumps(example()) for _ in range(count)) + "\n")
-    return {"base": base_dir, "paths": paths, **data}
+    return make_workspace(tmp_path_factory.mktemp("flow"), word_tokenizer())
 
 
 def add_group_experts(workspace: dict) -> None:
