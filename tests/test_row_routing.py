@@ -10,15 +10,20 @@ another request; sequence and token routing, tiny Llama and GPT-2. Plus the serv
 from __future__ import annotations
 
 import copy
+import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
 
-from atmoe import build_atmoe
-from atmoe.errors import RoutingError
-from atmoe.row_routing import RowRouting
-from atmoe.testing import make_random_adapter, make_tiny_gpt2, make_tiny_llama
+sys.path.insert(0, str(Path(__file__).parent))
+from test_request_routing import cached_greedy  # noqa: E402
+
+from atmoe import build_atmoe  # noqa: E402
+from atmoe.errors import RoutingError  # noqa: E402
+from atmoe.row_routing import RowRouting  # noqa: E402
+from atmoe.testing import make_random_adapter, make_tiny_gpt2, make_tiny_llama  # noqa: E402
 
 FAMILIES = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 FORCE = {"a": 0.7, "c": 0.3}
@@ -65,18 +70,8 @@ def alone(model, ids: list[int], force, steps: int) -> list[torch.Tensor]:
     """Each step's next-token logits of one row decoded by itself (greedy, generate's own loop)."""
     prompt = torch.tensor([ids])
     with model.forced_routing(force) if force else nullcontext():
-        out = model.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=steps,
-            min_new_tokens=steps,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-    return [step[0].float() for step in out.logits]
+        _, logits = cached_greedy(model, prompt, torch.ones_like(prompt), steps)  # [steps, 1, V]
+    return list(logits[:, 0])
 
 
 def left_pad(prompts: list[list[int]]):
