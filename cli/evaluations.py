@@ -10,10 +10,6 @@ from atmoe.cli.app import get_registry, main
 from atmoe.cli.options import json_option
 
 
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.4f}"
-
-
 @main.command("eval")
 @click.argument("ref", metavar="NAME[@VERSION][:ROUTER]")
 @click.option("--data", required=True, type=click.Path(dir_okay=False), help="Evaluation JSONL (as train-router's).")
@@ -84,9 +80,9 @@ def evals(name, data_file, data_digest, plot, as_json) -> None:
                 r["router"],
                 r["kind"],
                 r["examples"],
-                _fmt(r["metrics"].get("eval_loss")),
-                _fmt(r["metrics"].get("exact_match")),
-                _fmt(r["metrics"].get("routing_accuracy")),
+                output.metric(r["metrics"].get("eval_loss")),
+                output.metric(r["metrics"].get("exact_match")),
+                output.metric(r["metrics"].get("routing_accuracy")),
                 r["created_at"][:16] if r["created_at"] else "",
             )
             for r in rows

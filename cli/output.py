@@ -220,5 +220,10 @@ def human_size(size: int | None) -> str:
     return f"{value:.1f} TB"
 
 
+def metric(value: float | None) -> str:
+    """A metric for a table cell: four decimals, empty when absent."""
+    return "" if value is None else f"{value:.4f}"
+
+
 def short_digest(digest: str | None) -> str:
     return (digest or "")[:DIGEST_CHARS]

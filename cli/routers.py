@@ -180,8 +180,8 @@ def routers(ref: str, as_json: bool) -> None:
                 r["kind"],
                 r["aliases"],
                 output.short_digest(r["data_digest"]),
-                _fmt(r["metrics"].get("eval_loss")),
-                _fmt(r["metrics"].get("routing_accuracy")),
+                output.metric(r["metrics"].get("eval_loss")),
+                output.metric(r["metrics"].get("routing_accuracy")),
                 r["hyperparameters"].get("epochs"),
                 r["hyperparameters"].get("lr"),
                 r["hyperparameters"].get("seed"),
@@ -190,10 +190,6 @@ def routers(ref: str, as_json: bool) -> None:
             for r in records
         ],
     )
-
-
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.4f}"
 
 
 @main.command("alias")

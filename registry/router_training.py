@@ -88,9 +88,7 @@ def record_uniform(
     routing accuracy are recorded, comparable to a trained router's."""
     from atmoe.data import data_digest
 
-    parsed = parse_ref(ref)
-    if parsed.router is not None:
-        raise UsageError(f"{ref!r} names a router; a uniform router starts from nothing: name the composition")
+    parsed = _composition_ref(ref, "uniform")
     _, evaluation = _checked_data(registry, parsed, alias, None, eval_data)
     built = registry.build(ref, router=False, base_model=base_model)
     metrics = _eval_metrics(built, evaluation, batch_size, max_length)
@@ -119,9 +117,7 @@ def record_lorahub(
     from atmoe.data import data_digest
     from atmoe.lorahub import MAX_EXAMPLES, MIN_EXAMPLES, search_weights
 
-    parsed = parse_ref(ref)
-    if parsed.router is not None:
-        raise UsageError(f"{ref!r} names a router; a lorahub router is searched from nothing: name the composition")
+    parsed = _composition_ref(ref, "lorahub")
     train, evaluation = _checked_data(registry, parsed, alias, data, eval_data)
     assert train is not None
     if not MIN_EXAMPLES <= len(train) <= MAX_EXAMPLES:
@@ -173,11 +169,7 @@ def record_arrow(
     from atmoe.data import data_digest
     from atmoe.registry import prototype_cache
 
-    parsed = parse_ref(ref)
-    if parsed.router is not None:
-        raise UsageError(
-            f"{ref!r} names a router; an arrow router is made from the experts alone: name the composition"
-        )
+    parsed = _composition_ref(ref, "arrow")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise UsageError(f"--top-k must be an integer >= 1, not {top_k!r}")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
@@ -214,6 +206,14 @@ def record_arrow(
                        "gks": gks, "algorithm": ALGORITHM}  # fmt: skip
     eval_digest = data_digest(eval_data) if eval_data else None
     return _record(registry, built, hyperparameters, metrics, None, eval_digest, alias, notes, created_by)
+
+
+def _composition_ref(ref: str, kind: str):
+    """``ref`` parsed; a router kind made from the experts alone (no warm start) refuses ``:ROUTER``."""
+    parsed = parse_ref(ref)
+    if parsed.router is not None:
+        raise UsageError(f"{ref!r} names a router; a {kind} router starts from the experts alone: name the composition")
+    return parsed
 
 
 def _eval_metrics(built: Built, evaluation, batch_size: int, max_length: int) -> dict:
