@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from store_tools import flip_byte  # noqa: E402
 from synthetic_lora import invoke, ok, write_adapter  # noqa: E402
 
-from atmoe.errors import ChecksumMismatch, StoreUnavailable  # noqa: E402
+from atmoe.errors import ChecksumMismatch  # noqa: E402
 from atmoe.registry import Registry  # noqa: E402
 from atmoe.registry.config import S3Location  # noqa: E402
 from atmoe.registry.s3store import PART_SIZE, S3Store, _EtagHasher  # noqa: E402
@@ -360,9 +360,3 @@ def test_put_stream_refuses_bytes_that_do_not_match_the_expected_digest(tmp_path
     with pytest.raises(ChecksumMismatch):
         store.put_stream(io.BytesIO(b"abc"), expected="0" * 64)
     assert list(store.iter_digests()) == [] and list(store.iter_temp_files()) == []
-
-
-def test_store_unavailable_is_an_atmoe_error() -> None:
-    from atmoe.errors import AtmoeError
-
-    assert issubclass(StoreUnavailable, AtmoeError)
